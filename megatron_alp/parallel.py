@@ -1,0 +1,279 @@
+"""The one place that sets up torch.distributed, Megatron ``parallel_state`` and seeds.
+
+Typical use (torchrun sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT)::
+
+    info = parallel.initialize(ParallelConfig(tensor_model_parallel_size=2,
+                                              pipeline_model_parallel_size=2))
+    ...
+    parallel.teardown()
+
+Tests that sweep several layouts inside one group of ranks use
+:func:`init_distributed` once and then ``with model_parallel(cfg): ...`` per layout.
+Every configuration error is raised as a ``ValueError`` *before* any process group is
+created, so a bad flag never leaves half-initialised ranks waiting on each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from megatron_alp import platform
+
+__all__ = [
+    "ParallelConfig",
+    "ParallelInfo",
+    "destroy_model_parallel",
+    "has_gloo_groups",
+    "init_distributed",
+    "initialize",
+    "model_parallel",
+    "set_seeds",
+    "teardown",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelConfig:
+    """How the model is split across ranks. The data-parallel size is what remains."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each weight matrix (Megatron TP)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages that split the layers (Megatron PP)."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline stage (interleaved 1F1B); None for no interleaving."""
+    context_parallel_size: int = 1
+    """Ranks that split each sequence (Megatron CP; needs Transformer Engine attention)."""
+    sequence_parallel: bool = False
+    """Shard activations outside attention/MLP along the sequence over the TP group."""
+    seed: int = 1234
+    """Base seed: python/numpy/torch and Megatron's RNG tracker states derive from it."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ParallelConfig.{name} must be an integer >= 1, got {value!r}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if not isinstance(vpp, int) or vpp < 1:
+                raise ValueError(
+                    "ParallelConfig.virtual_pipeline_model_parallel_size must be None or an "
+                    f"integer >= 1, got {vpp!r}"
+                )
+            if vpp > 1 and self.pipeline_model_parallel_size == 1:
+                raise ValueError(
+                    f"ParallelConfig.virtual_pipeline_model_parallel_size={vpp} needs "
+                    "pipeline_model_parallel_size > 1"
+                )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError(
+                "ParallelConfig.sequence_parallel=True needs tensor_model_parallel_size > 1 "
+                "(sequence parallelism shards over the tensor-parallel group)"
+            )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """TP x PP x CP: the ranks that hold one replica of the model."""
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` ranks; ValueError if it does not divide."""
+        if world_size < 1 or world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor x pipeline x context "
+                f"parallel = {self.tensor_model_parallel_size} x "
+                f"{self.pipeline_model_parallel_size} x {self.context_parallel_size} = "
+                f"{self.model_parallel_size}; use a world size that is a multiple of "
+                f"{self.model_parallel_size}"
+            )
+        return world_size // self.model_parallel_size
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParallelInfo:
+    """This rank's coordinates after :func:`initialize`."""
+
+    rank: int
+    world_size: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    cp_rank: int
+    cp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    timeout_minutes: float = 10.0,
+) -> tuple[int, int]:
+    """Initialise torch.distributed (and the CPU backend where CUDA is absent); idempotent.
+
+    ``rank``/``world_size`` default to torchrun's ``RANK``/``WORLD_SIZE`` (a single
+    process when unset); the rendezvous is ``MASTER_ADDR:MASTER_PORT`` (default
+    127.0.0.1:29500). Returns ``(rank, world_size)``.
+    """
+    platform.activate()
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = rank if rank is not None else (_env_int("RANK") or 0)
+    world_size = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+    addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = master_port or _env_int("MASTER_PORT") or 29500
+    if platform.cuda_available():
+        torch.cuda.set_device(platform.device())
+    torch.distributed.init_process_group(
+        backend=platform.backend(),
+        init_method=f"tcp://{addr}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return rank, world_size
+
+
+def set_seeds(seed: int) -> None:
+    """Seed python, numpy, torch and Megatron's RNG tracker (model-parallel states)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _info() -> ParallelInfo:
+    from megatron.core import parallel_state as ps
+
+    return ParallelInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_size=ps.get_context_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        device=platform.device(),
+    )
+
+
+def initialize(
+    cfg: ParallelConfig,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+) -> ParallelInfo:
+    """Initialise torch.distributed, Megatron ``parallel_state`` for ``cfg``, and seeds.
+
+    The world size is validated against ``cfg`` before any process group exists. If
+    torch.distributed is already up (a test harness, a second layout in one job), it is
+    reused; Megatron's model-parallel groups must not be (call
+    :func:`destroy_model_parallel` first).
+    """
+    from megatron.core import parallel_state as ps
+
+    if torch.distributed.is_initialized():
+        ws = torch.distributed.get_world_size()
+    else:
+        ws = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
+    cfg.data_parallel_size(ws)  # raises ValueError before any group is created
+    init_distributed(
+        rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port
+    )
+    if ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "Megatron model parallel is already initialised; call "
+            "megatron_alp.parallel.destroy_model_parallel() before initialising another layout"
+        )
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        # gloo sub-groups are only needed by the distributed optimizer's CPU paths; the
+        # default backend already is gloo on CPU.
+        create_gloo_process_groups=has_gloo_groups(),
+    )
+    set_seeds(cfg.seed)
+    return _info()
+
+
+def has_gloo_groups() -> bool:
+    """Whether Megatron's extra gloo groups exist (pass as ``use_gloo_process_groups``).
+
+    On the CPU backend the default groups already are gloo, so the duplicates are skipped.
+    """
+    return not platform.cpu_backend_active()
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel groups; torch.distributed stays up."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+
+
+def teardown() -> None:
+    """Tear down Megatron's groups and torch.distributed; safe to call twice."""
+    destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def model_parallel(cfg: ParallelConfig) -> Iterator[ParallelInfo]:
+    """``initialize(cfg)`` for the duration of a block, then destroy the model-parallel groups."""
+    info = initialize(cfg)
+    try:
+        yield info
+    finally:
+        destroy_model_parallel()

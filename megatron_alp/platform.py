@@ -1,0 +1,231 @@
+"""Device and backend selection; the CPU backend that lets megatron-core run without CUDA.
+
+On a machine with CUDA this module does nothing beyond answering ``backend() == "nccl"``
+and ``device() == cuda:<local rank>``. Without CUDA (laptops, CI, the embedded demo) it
+switches megatron-core onto the CPU with gloo. megatron-core 0.19 assumes a GPU in a
+handful of places; this is the one sanctioned module that works around them, and every
+redirect is listed here with the reason:
+
+1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` in tensor factories, and
+   ``Tensor.cuda()`` / ``Tensor.to("cuda")``: rewritten to the CPU by a
+   ``TorchFunctionMode`` (``_CPUDeviceMode``). megatron-core allocates buffers (grad
+   buffers, p2p receive buffers, rotary tables, reductions) on ``current_device()``.
+2. ``torch.cuda.current_device()`` returns ``torch.device("cpu")``. Most allocations in
+   megatron-core pass it as ``device=``, so they land on the CPU directly; this also
+   covers code that runs inside autograd's backward, where a TorchFunctionMode entered
+   around ``torch.autograd.backward`` is no longer active. And
+   ``torch.cuda.synchronize`` / ``empty_cache`` are no-ops: there is nothing to wait for.
+3. The CUDA RNG-states tracker (``tensor_parallel.random``) is replaced by
+   :class:`CPURNGStatesTracker`, with the same ``add / fork / get_states / set_states /
+   reset`` semantics on the CPU generator, and the module's private get/set-state helpers
+   (used by activation recompute) read and write the CPU generator.
+4. ``Tensor.type()`` (no argument) reports ``torch.cuda.*Tensor`` names for CPU tensors,
+   because megatron-core's fp32 grad clipping asserts that name.
+
+None of this is active when CUDA is present, and nothing here changes numerics: the same
+ops run on the CPU. Call :func:`activate` once per process (``parallel.init_distributed``
+does) before megatron-core builds anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "CPURNGStatesTracker",
+    "activate",
+    "backend",
+    "cpu_backend_active",
+    "cuda_available",
+    "device",
+]
+
+_ACTIVE = False
+_MODE: TorchFunctionMode | None = None
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device can be used (the production path, with NCCL)."""
+    return torch.cuda.is_available()
+
+
+def backend() -> str:
+    """The torch.distributed backend for this machine: ``"nccl"`` with CUDA, else ``"gloo"``."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def device() -> torch.device:
+    """The device this rank computes on: ``cuda:<LOCAL_RANK>`` with CUDA, else the CPU."""
+    if cuda_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def cpu_backend_active() -> bool:
+    """True once :func:`activate` switched this process onto the CPU backend."""
+    return _ACTIVE
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # A bare int is what torch.cuda.current_device() hands out; there is no other
+    # integer device on a CPU-only machine.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+_CUDA_TENSOR_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+class _CPUDeviceMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU (redirects 1 and 4 of the module doc)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": torch.device("cpu")}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], torch.device("cpu"), *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TENSOR_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+class _CPUStream:
+    """Stand-in for ``torch.cuda.Stream``: CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event
+
+
+class CPURNGStatesTracker:
+    """CPU twin of megatron-core's ``CudaRNGStatesTracker`` (redirect 3).
+
+    Named states are snapshots of the CPU generator. ``fork(name)`` swaps the named state
+    in, runs the block, stores the advanced state back and restores the previous one,
+    exactly like the CUDA tracker does with the CUDA generator. Built as a subclass at
+    activation time so ``isinstance(tracker, CudaRNGStatesTracker)`` stays true for
+    megatron-core's own checks.
+    """
+
+
+def _make_cpu_tracker_class() -> type:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    class _Tracker(mpu_random.CudaRNGStatesTracker, CPURNGStatesTracker):
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise RuntimeError(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise RuntimeError(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            if name not in self.states_:
+                raise RuntimeError(f"rng state {name} is not added")
+            orig_state = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig_state = self.states_[orig_name]
+                torch.set_rng_state(orig_state)
+                self._current_state_name = orig_name
+
+    _Tracker.__name__ = _Tracker.__qualname__ = "CPURNGStatesTracker"
+    return _Tracker
+
+
+def _install_rng_redirect() -> None:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    tracker_cls = _make_cpu_tracker_class()
+
+    def initialize_rng_tracker(
+        use_te_rng_tracker: bool = False,
+        inference_rng_tracker: bool = False,
+        use_cudagraphable_rng: bool = False,
+        force_reset: bool = False,
+    ) -> None:
+        if force_reset or not mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+            mpu_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
+            mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    def get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False):
+        torch.set_rng_state(new_state)
+
+    mpu_random.initialize_rng_tracker = initialize_rng_tracker
+    mpu_random._get_cuda_rng_state = get_rng_state
+    mpu_random._set_cuda_rng_state = set_rng_state
+    initialize_rng_tracker(force_reset=True)
+
+
+def activate() -> bool:
+    """Switch this process onto the CPU backend if CUDA is absent; idempotent.
+
+    Returns True when the CPU backend is (now) active, False on a CUDA machine, where
+    nothing is changed.
+    """
+    global _ACTIVE, _MODE
+    if cuda_available():
+        return False
+    if _ACTIVE:
+        return True
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    torch.cuda.Stream = _CPUStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: _CPUStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
+    _install_rng_redirect()
+    _MODE = _CPUDeviceMode()
+    _MODE.__enter__()
+    _ACTIVE = True
+    return True

@@ -1,0 +1,111 @@
+"""Megatron DDP wrapping and one forward/backward pass through megatron-core's schedules.
+
+The same code path for every layout: ``get_forward_backward_func()`` picks no-pipelining,
+1F1B or interleaved 1F1B; Megatron's DDP holds the grad buffers; ``finalize_model_grads``
+reduces grads over DP, all-reduces tied-embedding grads between the first and last
+stage, and the grads of sequence-parallel / q-k-norm weights over TP.
+
+A micro-batch is a dict of tensors, at least ``tokens`` [b, s] (and ``position_ids``);
+the caller's ``loss_fn(logits_BSV, batch) -> (loss, stats)`` turns this rank's
+vocab-parallel logits into a scalar loss.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+__all__ = ["LossFn", "forward_backward", "wrap_ddp"]
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def wrap_ddp(
+    chunks: Sequence[torch.nn.Module],
+    config: TransformerConfig,
+    *,
+    use_distributed_optimizer: bool = False,
+    grad_reduce_in_fp32: bool = True,
+) -> list[DistributedDataParallel]:
+    """Wrap model chunks in Megatron DDP and hook the schedules' grad finalisation."""
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_cfg,
+            module=chunk,
+            # One bucket per chunk beyond the first, like megatron.training does.
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+def _forward_step(loss_fn: LossFn, data_iterator: Any, model: torch.nn.Module):
+    batch = next(data_iterator)
+    logits = model(
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+    )
+
+    def loss_func(output: torch.Tensor):
+        loss, stats = loss_fn(output, batch)
+        return loss, stats
+
+    return logits, loss_func
+
+
+def forward_backward(
+    model: Sequence[torch.nn.Module],
+    micro_batches: Sequence[Batch],
+    loss_fn: LossFn,
+    *,
+    seq_length: int,
+    forward_only: bool = False,
+) -> list[dict[str, Any]]:
+    """Run all micro-batches through the schedule; return ``stats`` of each (last stage).
+
+    Every rank passes the same ``micro_batches`` (a rank that needs no data ignores
+    them). Grads accumulate in the DDP buffers (``zero_grad_buffer()`` first); on the
+    last pipeline stage the list holds one ``stats`` dict per micro-batch, elsewhere it
+    is empty. The loss of each micro-batch is divided by the number of micro-batches.
+    """
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    b, s = micro_batches[0]["tokens"].shape
+    vpp = len(model)
+    iters: Any = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    fb = get_forward_backward_func()
+    return fb(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iters,
+        model=list(model) if vpp > 1 else model[0],
+        num_microbatches=len(micro_batches),
+        seq_length=s if seq_length is None else seq_length,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
+
+
+def is_last_stage() -> bool:
+    """True on the ranks of the last pipeline stage (they hold logits and losses)."""
+    return ps.is_pipeline_last_stage()

@@ -1,0 +1,212 @@
+"""Run a function on N gloo ranks (spawned processes) and get every rank's result back.
+
+Starting ranks costs seconds (torch + megatron-core imports), so a :class:`RankGroup`
+starts its processes once and then runs many bodies on them::
+
+    with RankGroup(world_size=4) as group:
+        results = group.run(body, layout="tp2pp2")   # body(**kw) on every rank
+
+A body is a module-level function (it is pickled by reference); it runs with
+torch.distributed initialised (gloo on CPU, the CPU backend of ``megatron_alp.platform``
+active) and sets up its own Megatron layout, e.g. ``with parallel.model_parallel(cfg):``.
+It returns something picklable. If any rank raises, the group is killed and
+:class:`RankFailure` carries that rank's traceback; if the ranks do not all answer within
+the timeout (a hang in a collective), the group is killed and ``TimeoutError`` names the
+silent ranks. A killed group restarts by itself on the next ``run``, so one failing test
+does not take the rest of a module down.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["RankFailure", "RankGroup", "free_port", "run_on_ranks"]
+
+_POLL_S = 0.2
+
+
+class RankFailure(RuntimeError):
+    """A body raised on one or more ranks; the message holds the first failing traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for the gloo rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    threads: int,
+    tasks: mp.Queue,
+    results: mp.Queue,
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        from megatron_alp import parallel
+
+        parallel.init_distributed(rank=rank, world_size=world_size, master_port=port)
+        results.put(("ready", rank, True, None))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put(("ready", rank, False, traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        call_id, fn, args, kwargs = task
+        try:
+            out = fn(*args, **kwargs)
+            results.put((call_id, rank, True, out))
+        except BaseException:  # noqa: BLE001
+            results.put((call_id, rank, False, traceback.format_exc()))
+    try:
+        parallel.teardown()
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+
+
+class RankGroup:
+    """A persistent group of ``world_size`` gloo ranks (see the module docstring)."""
+
+    def __init__(self, world_size: int, *, timeout_s: float = 300.0, start_timeout_s: float = 120.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[Any] = []
+        self._tasks: list[Any] = []
+        self._results: Any = None
+        self._calls = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> "RankGroup":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def start(self) -> None:
+        """Spawn the ranks and wait until torch.distributed is up on all of them."""
+        if self.alive:
+            return
+        self.kill()
+        port = free_port()
+        threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        self._results = self._ctx.Queue()
+        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
+        self._procs = [
+            self._ctx.Process(
+                target=_worker,
+                args=(r, self.world_size, port, threads, self._tasks[r], self._results),
+                daemon=True,
+                name=f"rank{r}",
+            )
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+        self._collect("ready", self.start_timeout_s, what="start-up")
+
+    def close(self) -> None:
+        """Stop the ranks cleanly (teardown of their process groups), then reap them."""
+        if self.alive:
+            for q in self._tasks:
+                q.put(None)
+            deadline = time.monotonic() + 30
+            for p in self._procs:
+                p.join(max(0.1, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill every rank at once (used after a failure or a hang)."""
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(5)
+        self._procs = []
+
+    # -- running -----------------------------------------------------------------------
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any
+    ) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results ordered by rank."""
+        if not callable(fn) or "<locals>" in getattr(fn, "__qualname__", ""):
+            raise ValueError(
+                f"RankGroup.run needs a module-level function (pickled by reference), got {fn!r}"
+            )
+        self.start()
+        self._calls += 1
+        call_id = self._calls
+        for q in self._tasks:
+            q.put((call_id, fn, args, kwargs))
+        name = getattr(fn, "__qualname__", repr(fn))
+        return self._collect(call_id, timeout_s or self.timeout_s, what=name)
+
+    def _collect(self, call_id: Any, timeout_s: float, *, what: str) -> list[Any]:
+        results: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(results) < self.world_size:
+            try:
+                cid, rank, ok, payload = self._results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [
+                    (i, p.exitcode)
+                    for i, p in enumerate(self._procs)
+                    if not p.is_alive() and i not in results
+                ]
+                if dead:
+                    self.kill()
+                    raise RankFailure(
+                        f"{what}: rank(s) {[d[0] for d in dead]} died with exit code(s) "
+                        f"{[d[1] for d in dead]} before answering"
+                    )
+                if time.monotonic() > deadline:
+                    silent = [r for r in range(self.world_size) if r not in results]
+                    self.kill()
+                    raise TimeoutError(
+                        f"{what}: rank(s) {silent} did not answer within {timeout_s:.0f} s "
+                        "(a hang in a collective?); the group was killed"
+                    )
+                continue
+            if cid != call_id:
+                continue  # a late answer from an earlier, abandoned call
+            if not ok:
+                self.kill()
+                raise RankFailure(f"{what} failed on rank {rank}:\n{payload}")
+            results[rank] = payload
+        return [results[r] for r in range(self.world_size)]
+
+
+def run_on_ranks(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0, **kwargs: Any
+) -> list[Any]:
+    """One-shot: start ``world_size`` ranks, run ``fn`` on each, stop them, return results."""
+    with RankGroup(world_size, timeout_s=timeout_s) as group:
+        return group.run(fn, *args, **kwargs)

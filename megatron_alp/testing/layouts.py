@@ -1,0 +1,109 @@
+"""Run the same tiny training steps under any parallel layout and report comparable numbers.
+
+``run_layout`` builds the model for a layout, loads the same canonical weights, runs
+``steps`` optimizer steps of next-token cross-entropy through megatron-core's schedules,
+and returns (on the ranks that have them) the full-vocabulary logits of the first
+micro-batch, every micro-batch loss, and the TP-gathered gradients of the first step —
+all in canonical names, so a TP=1 run is the oracle for every other layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from megatron_alp import parallel
+from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
+from megatron_alp.models.sharding import gather_tp_full, load_full_state
+from megatron_alp.schedule import forward_backward, wrap_ddp
+from megatron_alp.testing.tiny import random_full_state
+
+__all__ = ["canonical_state", "cross_entropy_loss", "gather_vocab", "run_layout"]
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """All-gather vocab-parallel logits [..., V/TP] over TP into [..., V] (no grad)."""
+    size = ps.get_tensor_model_parallel_world_size()
+    if size == 1:
+        return logits.detach().clone()
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def cross_entropy_loss(record: list) -> Callable:
+    """A schedule loss_fn: masked mean token CE via megatron's vocab-parallel CE."""
+
+    def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]):
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"])
+        mask = batch["loss_mask"]
+        loss = (per_token * mask).sum() / mask.sum()
+        if not record:
+            record.append(gather_vocab(logits))
+        return loss, {"loss": loss.detach().clone()}
+
+    return loss_fn
+
+
+def canonical_state(hf_config: Any, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded canonical weights for ``hf_config`` (builds a TP=1, PP=1 model once)."""
+    args = gpt_args_from_hf(hf_config)
+    cfg = parallel.ParallelConfig()
+    with parallel.model_parallel(cfg):
+        chunks = build_model(args, transformer_config(args, cfg))
+        return random_full_state(chunks, seed)
+
+
+def run_layout(
+    hf_config: Any,
+    layout: parallel.ParallelConfig,
+    full_state: dict[str, torch.Tensor],
+    batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    steps: int = 1,
+    lr: float = 1e-2,
+    recompute_granularity: str | None = None,
+    layer_spec_transform: Callable | None = None,
+    on_step: Callable[[int, list[float]], None] | None = None,
+) -> dict[str, Any]:
+    """See the module docstring. Collective over all ranks of the group."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    args = gpt_args_from_hf(hf_config)
+    with parallel.model_parallel(layout) as info:
+        tc = transformer_config(args, layout, recompute_granularity=recompute_granularity)
+        chunks = build_model(args, tc, layer_spec_transform=layer_spec_transform)
+        load_full_state(chunks, full_state)
+        model = wrap_ddp(chunks, tc)
+        opt = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=0.0),
+            model,
+            use_gloo_process_groups=parallel.has_gloo_groups(),
+        )
+        losses, logits, grads = [], None, None
+        for step in range(steps):
+            for m in model:
+                m.zero_grad_buffer()
+            opt.zero_grad()
+            record: list = []
+            stats = forward_backward(
+                model, batches, cross_entropy_loss(record), seq_length=batches[0]["tokens"].shape[1]
+            )
+            losses.append([float(s["loss"]) for s in stats])
+            if on_step is not None:
+                on_step(step, losses[-1])
+            if step == 0:
+                logits = record[0] if record else None
+                grads = gather_tp_full(model, grads=True)
+            opt.step()
+        keep = info.tp_rank == 0 and info.dp_rank == 0
+        return dict(
+            pp_rank=info.pp_rank,
+            losses=losses if (keep and info.is_last_stage) else None,
+            logits=logits if keep else None,
+            grads=grads if keep else None,
+        )
