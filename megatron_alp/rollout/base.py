@@ -1,0 +1,129 @@
+"""The rollout-engine protocol, its data types, and the engine registry.
+
+An engine turns prompts (token ids) into completions with the per-token log-probs of the
+sampled tokens *under the processed sampling distribution* (temperature, top-k, top-p
+applied), which is what the importance ratio's denominator needs, and accepts weight
+updates as a stream of HF-named tensor buckets (see ``megatron_alp.convert``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = [
+    "Completion",
+    "RolloutEngine",
+    "SamplingParams",
+    "WeightBucket",
+    "available_engines",
+    "create_engine",
+    "register_engine",
+]
+
+WeightBucket = Sequence[tuple[str, torch.Tensor]]
+"""One bucket of the weight stream: (HF parameter name, full tensor) pairs."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+    """How to sample; the same meaning as vLLM's ``SamplingParams`` of the same names."""
+
+    temperature: float = 1.0
+    """Logits are divided by it before softmax; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 (or 0) keeps all."""
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens per completion (finish reason ``length``)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a completion (kept in the output, finish reason ``stop``); the
+    model's EOS token is added by the engine unless ``ignore_eos``."""
+    ignore_eos: bool = False
+    """Do not stop at the model's EOS token."""
+    n: int = 1
+    """Completions per prompt (the GRPO group size)."""
+    seed: int | None = None
+    """Base seed; completion j of prompt i uses a generator seeded from (seed, i, j), so
+    results do not depend on how prompts are batched. None draws from torch's RNG."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be -1, 0 or positive, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    prompt_index: int
+    """Index of the prompt in the ``generate`` call."""
+    sample_index: int
+    """0..n-1 within the prompt's group."""
+    token_ids: list[int]
+    """Generated tokens (stop token included when it ended the completion)."""
+    logprobs: list[float]
+    """log pi(token) under the processed sampling distribution, one per token."""
+    finish_reason: str
+    """``stop`` (a stop/EOS token) or ``length`` (max_new_tokens reached)."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from an inference engine."""
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[Completion]:
+        """n completions per prompt, ordered by (prompt_index, sample_index)."""
+        ...
+
+    def update_weights(self, stream: Iterable[WeightBucket]) -> None:
+        """Load HF-named full tensors, bucket by bucket; later generations use them."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        ...
+
+
+_ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+
+
+def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
+    """Register an engine factory under an exact name; duplicates are an error."""
+
+    def deco(factory: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
+        if name in _ENGINES:
+            raise ValueError(f"rollout engine {name!r} is already registered")
+        _ENGINES[name] = factory
+        return factory
+
+    return deco
+
+
+def available_engines() -> list[str]:
+    """Names accepted by :func:`create_engine`."""
+    return sorted(_ENGINES)
+
+
+def create_engine(name: str, **kwargs: Any) -> RolloutEngine:
+    """Build the engine registered as ``name``; unknown names list the valid ones."""
+    if name not in _ENGINES:
+        raise ValueError(
+            f"unknown rollout engine {name!r}; available: {', '.join(available_engines())}"
+        )
+    return _ENGINES[name](**kwargs)
