@@ -12,8 +12,9 @@ vocab-parallel logits into a scalar loss.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from megatron.core import parallel_state as ps
@@ -29,6 +30,7 @@ __all__ = ["LossFn", "forward_backward", "wrap_ddp"]
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
+ForwardContext = Callable[[Batch], ContextManager[Any]]
 
 
 def wrap_ddp(
@@ -59,13 +61,20 @@ def wrap_ddp(
     return wrapped
 
 
-def _forward_step(loss_fn: LossFn, data_iterator: Any, model: torch.nn.Module):
+def _forward_step(
+    loss_fn: LossFn,
+    forward_context: ForwardContext | None,
+    data_iterator: Any,
+    model: torch.nn.Module,
+):
     batch = next(data_iterator)
-    logits = model(
-        batch["tokens"],
-        batch["position_ids"],
-        attention_mask=batch.get("attention_mask"),
-    )
+    ctx = forward_context(batch) if forward_context is not None else contextlib.nullcontext()
+    with ctx:
+        logits = model(
+            batch["tokens"],
+            batch["position_ids"],
+            attention_mask=batch.get("attention_mask"),
+        )
 
     def loss_func(output: torch.Tensor):
         loss, stats = loss_fn(output, batch)
@@ -81,6 +90,7 @@ def forward_backward(
     *,
     seq_length: int,
     forward_only: bool = False,
+    forward_context: ForwardContext | None = None,
 ) -> list[dict[str, Any]]:
     """Run all micro-batches through the schedule; return ``stats`` of each (last stage).
 
@@ -88,6 +98,8 @@ def forward_backward(
     them). Grads accumulate in the DDP buffers (``zero_grad_buffer()`` first); on the
     last pipeline stage the list holds one ``stats`` dict per micro-batch, elsewhere it
     is empty. The loss of each micro-batch is divided by the number of micro-batches.
+    ``forward_context(batch)``, when given, is a context manager entered around the model
+    call of each micro-batch (e.g. ALP's ``perturbed(...)`` with the batch's sample offset).
     """
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
@@ -96,7 +108,7 @@ def forward_backward(
     iters: Any = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
     fb = get_forward_backward_func()
     return fb(
-        forward_step_func=partial(_forward_step, loss_fn),
+        forward_step_func=partial(_forward_step, loss_fn, forward_context),
         data_iterator=iters,
         model=list(model) if vpp > 1 else model[0],
         num_microbatches=len(micro_batches),

@@ -9,6 +9,7 @@ all in canonical names, so a TP=1 run is the oracle for every other layout.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,11 +40,13 @@ def cross_entropy_loss(record: list) -> Callable:
     """A schedule loss_fn: masked mean token CE via megatron's vocab-parallel CE."""
 
     def loss_fn(logits: torch.Tensor, batch: dict[str, torch.Tensor]):
+        if not record:
+            # Before the loss: megatron's vocab_parallel_cross_entropy shifts its input by
+            # the row max in place.
+            record.append(gather_vocab(logits))
         per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"])
         mask = batch["loss_mask"]
         loss = (per_token * mask).sum() / mask.sum()
-        if not record:
-            record.append(gather_vocab(logits))
         return loss, {"loss": loss.detach().clone()}
 
     return loss_fn
@@ -69,8 +72,13 @@ def run_layout(
     recompute_granularity: str | None = None,
     layer_spec_transform: Callable | None = None,
     on_step: Callable[[int, list[float]], None] | None = None,
+    forward_context: Callable[[int, dict[str, torch.Tensor]], Any] | None = None,
 ) -> dict[str, Any]:
-    """See the module docstring. Collective over all ranks of the group."""
+    """See the module docstring. Collective over all ranks of the group.
+
+    ``forward_context(step, batch)``, when given, returns a context manager entered around
+    the model call of each micro-batch (ALP's ``perturbed``).
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     args = gpt_args_from_hf(hf_config)
@@ -90,8 +98,13 @@ def run_layout(
                 m.zero_grad_buffer()
             opt.zero_grad()
             record: list = []
+            ctx = None if forward_context is None else partial(forward_context, step)
             stats = forward_backward(
-                model, batches, cross_entropy_loss(record), seq_length=batches[0]["tokens"].shape[1]
+                model,
+                batches,
+                cross_entropy_loss(record),
+                seq_length=batches[0]["tokens"].shape[1],
+                forward_context=ctx,
             )
             losses.append([float(s["loss"]) for s in stats])
             if on_step is not None:
