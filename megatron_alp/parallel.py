@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_alp import platform
 
@@ -255,11 +256,27 @@ def has_gloo_groups() -> bool:
     return not platform.cpu_backend_active()
 
 
+def _destroy_subgroups() -> None:
+    # megatron-core's destroy_model_parallel() only drops its references to the groups it
+    # created; the groups themselves (each gloo group with its own threads) live on, so
+    # sweeping layouts in one job piles up hundreds of idle-polling threads. Destroy every
+    # group but the default one. torch has no public listing of groups: _world.pg_map is
+    # the registry destroy_process_group itself uses.
+    from torch.distributed import distributed_c10d as c10d
+
+    default = c10d._get_default_group()
+    for pg in list(c10d._world.pg_map):
+        if pg is not default:
+            dist.destroy_process_group(pg)
+
+
 def destroy_model_parallel() -> None:
     """Tear down Megatron's model-parallel groups; torch.distributed stays up."""
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+    if dist.is_initialized():
+        _destroy_subgroups()
 
 
 def teardown() -> None:
