@@ -43,3 +43,26 @@ def test_rank_group_results_failures_and_timeouts():
         assert not group.alive
     with pytest.raises(ValueError, match="module-level function"):
         RankGroup(1).run(lambda: 0)
+
+
+def sweep_layouts_count_threads() -> list[int]:
+    import os
+
+    from megatron_alp import parallel
+    from megatron_alp.parallel import ParallelConfig
+
+    counts = []
+    for cfg in [ParallelConfig(tensor_model_parallel_size=2), ParallelConfig(pipeline_model_parallel_size=2)] * 3:
+        with parallel.model_parallel(cfg):
+            pass
+        counts.append(len(os.listdir("/proc/self/task")))
+    return counts
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs /proc")
+def test_layout_sweeps_do_not_leak_group_threads():
+    # megatron-core's destroy_model_parallel() leaves its gloo groups (and their threads)
+    # alive; parallel.destroy_model_parallel() destroys them.
+    with RankGroup(2, timeout_s=120) as group:
+        counts = group.run(sweep_layouts_count_threads)[0]
+    assert counts[-1] == counts[1], counts
