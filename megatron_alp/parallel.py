@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 import random
 from typing import Iterator
@@ -277,6 +278,11 @@ def destroy_model_parallel() -> None:
     ps.destroy_model_parallel()
     if dist.is_initialized():
         _destroy_subgroups()
+    # Models, DDP wrappers and optimizers built under the layout reference its groups
+    # from reference cycles; a destroyed gloo group stops its I/O threads only when the
+    # object is freed, so collect the cycles now rather than at some later GC pass
+    # (without this, ~50 threads per layout built on 4 ranks pile up).
+    gc.collect()
 
 
 def teardown() -> None:

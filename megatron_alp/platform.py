@@ -21,6 +21,11 @@ redirect is listed here with the reason:
    (used by activation recompute) read and write the CPU generator.
 4. ``Tensor.type()`` (no argument) reports ``torch.cuda.*Tensor`` names for CPU tensors,
    because megatron-core's fp32 grad clipping asserts that name.
+5. Activation recompute re-runs layer forwards *inside* the backward, where the mode of
+   (1) is not active (a mode is popped while its handler runs, and recent torch
+   dispatches ``torch.autograd.backward`` through it), and those forwards allocate on
+   ``device="cuda"`` (e.g. the default causal mask). ``CheckpointFunction.backward`` and
+   ``CheckpointWithoutOutput._recompute`` therefore run under a fresh instance of the mode.
 
 None of this is active when CUDA is present, and nothing here changes numerics: the same
 ops run on the CPU. Call :func:`activate` once per process (``parallel.init_distributed``
@@ -207,6 +212,27 @@ def _install_rng_redirect() -> None:
     initialize_rng_tracker(force_reset=True)
 
 
+def _install_recompute_redirect() -> None:
+    """Redirect 5: recompute inside the backward runs under the CPU device mode."""
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    ckpt_backward = mpu_random.CheckpointFunction.backward
+
+    def backward(ctx: Any, *grads: Any) -> Any:
+        with _CPUDeviceMode():
+            return ckpt_backward(ctx, *grads)
+
+    mpu_random.CheckpointFunction.backward = staticmethod(backward)  # type: ignore[method-assign]
+
+    recompute = mpu_random.CheckpointWithoutOutput._recompute
+
+    def _recompute(self: Any, grad: Any) -> Any:
+        with _CPUDeviceMode():
+            return recompute(self, grad)
+
+    mpu_random.CheckpointWithoutOutput._recompute = _recompute  # type: ignore[method-assign]
+
+
 def activate() -> bool:
     """Switch this process onto the CPU backend if CUDA is absent; idempotent.
 
@@ -225,6 +251,7 @@ def activate() -> bool:
     torch.cuda.current_stream = lambda device=None: _CPUStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
     _install_rng_redirect()
+    _install_recompute_redirect()
     _MODE = _CPUDeviceMode()
     _MODE.__enter__()
     _ACTIVE = True

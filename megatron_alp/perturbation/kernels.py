@@ -1,0 +1,126 @@
+"""The two operations ALP needs, per noise implementation: ``add`` and ``dot``.
+
+* ``add(h, sigma, lane_a, lane_b) = h + sigma.to(h.dtype) * eps.to(h.dtype)``
+  (one read and one write of ``h`` when fused);
+* ``dot(grad, lane_a, lane_b) = sum(grad * eps)`` accumulated in float32 (float64 for
+  float64 inputs): the backward's ``d loss / d sigma``.
+
+``eps`` is :func:`megatron_alp.perturbation.noise.gaussian_noise` of the row keys
+``lane_a``/``lane_b`` ([S, B] int64) over the last dimension of ``h`` ([S, B, H]).
+
+Implementations: ``"torch"`` (eager reference, processed in row chunks so that its
+temporaries stay bounded), ``"compile"`` (the same functions under ``torch.compile``,
+compiled once with dynamic shapes; inductor emits C++ on CPU and Triton on GPU), and
+``"triton"`` (the hand-written kernels of :mod:`.triton_noise`, CUDA only).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import torch
+
+from megatron_alp.perturbation.noise import gaussian_noise
+
+__all__ = ["NoiseKernel", "get_kernel", "resolve_kernel_name"]
+
+# Rows per eager chunk: bounds the eager temporaries (~6 int64/float tensors of
+# rows x H/2) to a few MiB whatever the activation size.
+_EAGER_ROWS = 256
+
+
+class NoiseKernel(NamedTuple):
+    name: str
+    add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    dot: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def eager_add(h: torch.Tensor, sigma: torch.Tensor, lane_a: torch.Tensor, lane_b: torch.Tensor) -> torch.Tensor:
+    hidden = h.shape[-1]
+    scale = sigma.to(h.dtype)
+    h2, a, b = _rows(h), lane_a.reshape(-1), lane_b.reshape(-1)
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # contiguous, not a view
+    out2 = out.view(-1, hidden)
+    step = max(1, _EAGER_ROWS * 4096 // max(hidden, 1))
+    for i in range(0, h2.shape[0], step):
+        eps = gaussian_noise(a[i : i + step], b[i : i + step], hidden)
+        torch.add(h2[i : i + step], scale * eps.to(h.dtype), out=out2[i : i + step])
+    return out
+
+
+def eager_dot(grad: torch.Tensor, lane_a: torch.Tensor, lane_b: torch.Tensor) -> torch.Tensor:
+    hidden = grad.shape[-1]
+    acc = _acc_dtype(grad)
+    g2, a, b = _rows(grad), lane_a.reshape(-1), lane_b.reshape(-1)
+    total = torch.zeros((), dtype=acc, device=grad.device)
+    step = max(1, _EAGER_ROWS * 4096 // max(hidden, 1))
+    for i in range(0, g2.shape[0], step):
+        eps = gaussian_noise(a[i : i + step], b[i : i + step], hidden).to(acc)
+        total += (g2[i : i + step].to(acc) * eps).sum()
+    return total
+
+
+def _fused_add(h, sigma, lane_a, lane_b):
+    eps = gaussian_noise(lane_a, lane_b, h.shape[-1])
+    return h + sigma.to(h.dtype) * eps.to(h.dtype)
+
+
+def _fused_dot(grad, lane_a, lane_b):
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    eps = gaussian_noise(lane_a, lane_b, grad.shape[-1])
+    return (grad.to(acc) * eps.to(acc)).sum()
+
+
+@functools.cache
+def _compiled() -> NoiseKernel:
+    add = torch.compile(_fused_add, dynamic=True, fullgraph=True)
+    dot = torch.compile(_fused_dot, dynamic=True, fullgraph=True)
+    return NoiseKernel("compile", add, dot)
+
+
+def _triton() -> NoiseKernel:
+    from megatron_alp.perturbation import triton_noise
+
+    return NoiseKernel("triton", triton_noise.triton_add, triton_noise.triton_dot)
+
+
+_EAGER = NoiseKernel("torch", eager_add, eager_dot)
+
+
+def resolve_kernel_name(name: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA when Triton imports, else ``"torch"``."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
+
+
+def get_kernel(name: str, device: torch.device) -> NoiseKernel:
+    """The implementation named ``name`` (see :data:`ALPConfig.kernel`) for ``device``."""
+    name = resolve_kernel_name(name, device)
+    if name == "torch":
+        return _EAGER
+    if name == "compile":
+        return _compiled()
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError(
+                f"ALPConfig.kernel='triton' needs CUDA tensors, got device {device}; "
+                "allowed on this device: 'torch', 'compile', 'auto'"
+            )
+        return _triton()
+    raise ValueError(f"unknown ALP noise kernel {name!r}; allowed: auto, torch, compile, triton")
