@@ -1,0 +1,387 @@
+"""Megatron dist checkpoints (``torch_dist``) written and read one chunk at a time.
+
+A Megatron dist checkpoint is a torch.distributed.checkpoint (DCP) folder (``.metadata``
+plus ``__*_*.distcp`` data files) and Megatron's ``metadata.json``. Keys are the
+``ShardedTensor`` keys of ``GPTModel.sharded_state_dict()``: the decoder layers are
+stacked, ``decoder.layers.<module>.<param>`` with a leading layer axis of size
+``num_layers``, and the pre-attention / pre-MLP norms carry their Transformer Engine
+names (``self_attention.linear_qkv.layer_norm_weight``, megatron-core's
+``sharded_state_dict_keys_map``). Every global tensor is stored as chunks; DCP reshards
+on load, so one set of chunks serves any TP / PP / virtual-PP layout.
+
+The writer drives DCP with a planner whose ``resolve_data`` *produces* each chunk when
+the storage writer asks for it (one at a time), so a conversion never holds more than a
+chunk; the reader asks DCP for chunk-sized regions of one key. No process group is
+needed for either (``no_dist``), and nothing starts a process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_alp.convert.mapping import TE_FUSED_NORMS
+
+__all__ = [
+    "ChunkWrite",
+    "DistCheckpoint",
+    "MEGATRON_METADATA",
+    "checkpoint_key",
+    "extra_state_keys",
+    "resolve_checkpoint_dir",
+    "write_dist_checkpoint",
+]
+
+MEGATRON_METADATA = "metadata.json"
+"""Megatron's marker file: ``{"sharded_backend": "torch_dist", ...}``."""
+COMMON_STATE_KEY = "common_state/shard_0_1"
+"""Megatron keeps the non-sharded part of a state dict as one object under this key."""
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def checkpoint_key(name: str) -> tuple[str, int | None]:
+    """Canonical parameter name -> (dist-checkpoint key, global layer index or None).
+
+    ``decoder.layers.3.input_layernorm.weight`` ->
+    ``("decoder.layers.self_attention.linear_qkv.layer_norm_weight", 3)``.
+    """
+    m = _LAYER_RE.match(name)
+    if not m:
+        return name, None
+    rest = m.group(2)
+    for local, te in TE_FUSED_NORMS.items():
+        if rest.startswith(local):
+            rest = te + rest[len(local):]
+            break
+    return f"decoder.layers.{rest}", int(m.group(1))
+
+
+def extra_state_keys(canonical_names: Iterable[str], num_layers: int) -> list[str]:
+    """Unique keys of the ``_extra_state`` objects of the local spec's linear layers.
+
+    megatron-core's Linear layers (``linear_qkv / linear_proj / linear_fc1 / linear_fc2``)
+    each contribute a ``ShardedObject`` (value None outside FP8) stacked over layers.
+    """
+    modules: list[str] = []
+    for name in canonical_names:
+        key, layer = checkpoint_key(name)
+        if layer is None or not key.endswith(".weight"):
+            continue
+        module = key[: -len(".weight")]
+        if module.rsplit(".", 1)[-1].startswith("linear_") and module not in modules:
+            modules.append(module)
+    return [
+        f"{m}._extra_state/shard_{i}_{num_layers}" for i in range(num_layers) for m in modules
+    ]
+
+
+def _torch_bytes(obj: Any) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkWrite:
+    """One chunk of one global tensor, produced on demand."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+    """Returns the chunk's data (shape ``sizes``; cast to ``dtype`` by the writer)."""
+
+    @property
+    def nbytes(self) -> int:
+        n = torch.empty((), dtype=self.dtype).element_size()
+        for s in self.sizes:
+            n *= s
+        return n
+
+
+class _ProducingSavePlanner(DefaultSavePlanner):
+    """A DCP save planner over :class:`ChunkWrite` s instead of a state dict of tensors."""
+
+    def __init__(
+        self,
+        chunks: Sequence[ChunkWrite],
+        objects: dict[str, Any],
+        on_chunk: Callable[[ChunkWrite], None] | None,
+    ) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = {(c.key, tuple(c.offsets)): c for c in chunks}
+        if len(self._chunks) != len(chunks):
+            raise AssertionError("duplicate (key, offsets) among chunks")
+        self._order = list(chunks)
+        self._objects = objects
+        self._on_chunk = on_chunk
+        self.error: BaseException | None = None
+        """The producer's own exception (DCP re-wraps whatever a producer raises)."""
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        self.state_dict = {}
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = [
+            WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in self._objects
+        ]
+        for c in self._order:
+            items.append(
+                WriteItem(
+                    index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(
+                            offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)
+                        ),
+                        properties=TensorProperties(dtype=c.dtype),
+                        size=torch.Size(c.global_shape),
+                    ),
+                )
+            )
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return _torch_bytes(self._objects[write_item.index.fqn])
+        c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        try:
+            data = c.produce()
+        except BaseException as e:
+            self.error = e
+            raise
+        if tuple(data.shape) != tuple(c.sizes):
+            raise AssertionError(f"{c.key}@{c.offsets}: produced {tuple(data.shape)}, planned {c.sizes}")
+        data = data.detach().to(c.dtype).contiguous()
+        if self._on_chunk is not None:
+            self._on_chunk(c)
+        return data
+
+
+def write_dist_checkpoint(
+    path: str | os.PathLike,
+    chunks: Sequence[ChunkWrite],
+    objects: dict[str, Any],
+    *,
+    thread_count: int = 1,
+    on_chunk: Callable[[ChunkWrite], None] | None = None,
+) -> None:
+    """Write a Megatron torch_dist checkpoint into the (existing, empty) folder ``path``.
+
+    ``objects`` maps ShardedObject unique keys to their values (stored as
+    ``torch.save([value])`` like megatron-core does); the common state is added here.
+    Chunks are produced one at a time per writer thread, in the order given.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    objs = {k: [v] for k, v in objects.items()}
+    objs.setdefault(COMMON_STATE_KEY, [{}])
+    planner = _ProducingSavePlanner(chunks, objs, on_chunk)
+    writer = FileSystemWriter(
+        str(path), single_file_per_rank=True, sync_files=True, thread_count=thread_count
+    )
+    try:
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except BaseException:
+        if planner.error is not None:  # a bad tensor, Ctrl-C...: surface it as itself
+            raise planner.error from None
+        raise
+    Path(path, MEGATRON_METADATA).write_text(
+        json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
+    )
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The folder holding a dist checkpoint: ``path`` itself, or for a Megatron-LM save
+    root (``latest_checkpointed_iteration.txt``), its latest ``iter_*`` folder."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"Megatron checkpoint {p} does not exist or is not a folder")
+    if (p / MEGATRON_METADATA).exists():
+        return p
+    tracker = p / "latest_checkpointed_iteration.txt"
+    if tracker.exists():
+        it = tracker.read_text().strip()
+        sub = p / ("release" if it == "release" else f"iter_{int(it):07d}")
+        if (sub / MEGATRON_METADATA).exists():
+            return sub
+        raise ValueError(f"{tracker} names iteration {it!r}, but {sub} is not a dist checkpoint")
+    raise ValueError(
+        f"{p} is not a Megatron dist checkpoint (no {MEGATRON_METADATA}, no "
+        "latest_checkpointed_iteration.txt)"
+    )
+
+
+class _RegionLoadPlanner(LoadPlanner):
+    """Reads requested regions of keys into preallocated tensors (DCP reshards)."""
+
+    def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
+        self.requests = requests
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items: list[ReadItem] = []
+        for key, (offsets, dest) in self.requests.items():
+            md = self.metadata.state_dict_metadata[key]
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+            items += create_read_items_for_chunk_list(key, md, [chunk])
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise AssertionError("byte objects are read with DistCheckpoint.read_object")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        dest = self.requests[read_item.dest_index.fqn][1]
+        for dim, (off, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            dest = dest.narrow(dim, off, length)
+        return dest
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass
+
+
+class DistCheckpoint:
+    """Read access to a Megatron dist checkpoint (any layout it was saved from)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = resolve_checkpoint_dir(path)
+        cfg = json.loads((self.path / MEGATRON_METADATA).read_text())
+        if cfg.get("sharded_backend") != "torch_dist":
+            raise ValueError(
+                f"{self.path / MEGATRON_METADATA}: sharded_backend "
+                f"{cfg.get('sharded_backend')!r} is not supported (expected 'torch_dist')"
+            )
+        self._reader = FileSystemReader(str(self.path))
+        self.metadata = self._reader.read_metadata()
+        self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+
+    def tensor_keys(self) -> list[str]:
+        return [
+            k for k, v in self.metadata.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)
+        ]
+
+    def object_keys(self) -> list[str]:
+        return [
+            k for k, v in self.metadata.state_dict_metadata.items()
+            if isinstance(v, BytesStorageMetadata)
+        ]
+
+    def has(self, key: str) -> bool:
+        return isinstance(self.metadata.state_dict_metadata.get(key), TensorStorageMetadata)
+
+    def global_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor_md(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor_md(key).properties.dtype
+
+    def _tensor_md(self, key: str) -> TensorStorageMetadata:
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise KeyError(f"dist checkpoint {self.path} has no tensor {key!r}")
+        return md
+
+    def read(
+        self,
+        key: str,
+        offsets: Sequence[int] | None = None,
+        sizes: Sequence[int] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """The region ``[offsets, offsets + sizes)`` of global tensor ``key`` (all of it
+        by default), in the stored dtype unless ``dtype`` is given."""
+        shape = self.global_shape(key)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+        sizes = tuple(sizes) if sizes is not None else shape
+        if any(o < 0 or o + s > g for o, s, g in zip(offsets, sizes, shape)):
+            raise ValueError(f"{key}: region {offsets}+{sizes} outside global shape {shape}")
+        dest = torch.empty(sizes, dtype=dtype or self.dtype(key))
+        planner = _RegionLoadPlanner({key: (offsets, dest)})
+        planner.set_up_planner({}, self.metadata, True)
+        plan = self._reader.prepare_local_plan(planner.create_local_plan())
+        plan = self._reader.prepare_global_plan([plan])[0]
+        covered = sum(_numel(r.lengths) for r in plan.items)
+        if covered != dest.numel():
+            raise ValueError(
+                f"dist checkpoint {self.path}: key {key} region {offsets}+{sizes} is only "
+                f"partly stored ({covered} of {dest.numel()} elements)"
+            )
+        self._reader.read_data(plan, planner).wait()
+        return dest
+
+    def read_layer(self, key: str, layer: int | None, *, dtype: torch.dtype | None = None,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One layer of a stacked key (``layer`` None: an unstacked key), optionally rows
+        ``[r0, r1)`` of it."""
+        shape = self.global_shape(key)
+        inner = shape[1:] if layer is not None else shape
+        r0, r1 = rows if rows is not None else (0, inner[0] if inner else 0)
+        region_off = [0] * len(inner)
+        region_size = list(inner)
+        if rows is not None:
+            region_off[0], region_size[0] = r0, r1 - r0
+        if layer is not None:
+            t = self.read(key, (layer, *region_off), (1, *region_size), dtype=dtype)
+            return t[0]
+        return self.read(key, tuple(region_off), tuple(region_size), dtype=dtype)
+
+    def read_object(self, unique_key: str) -> Any:
+        """A ShardedObject's value (megatron-core stores a one-element list)."""
+        import torch.distributed.checkpoint as dcp
+
+        sd = {unique_key: io.BytesIO()}
+        dcp.load(sd, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+        value = sd[unique_key]
+        if isinstance(value, io.BytesIO):
+            value.seek(0)
+            value = torch.load(value, weights_only=True)
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,297 @@
+"""HF safetensors folder -> Megatron dist checkpoint (torch_dist), streamed.
+
+    report = convert_hf_to_megatron("Qwen2.5-7B/", "ckpt/qwen2.5-7b", dtype=None)
+
+Every check runs before anything is written: the model type has a mapping, every
+expected tensor exists with the expected shape, no tensor is left unmapped. The
+checkpoint is then written chunk by chunk (one layer's tensor, or a row block of the
+embedding / output layer, at a time) into a temporary folder that is renamed into place
+at the end. Beside the weights: ``hf/`` (config, tokenizer, generation config) and
+``megatron_alp_convert.json`` (provenance). The result loads with
+``dist_checkpointing.load(model.sharded_state_dict(), dir)`` under any TP / PP /
+virtual PP whose vocabulary padding matches (see :func:`load_megatron_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from megatron_alp.convert.dist_ckpt import (
+    ChunkWrite,
+    checkpoint_key,
+    extra_state_keys,
+    write_dist_checkpoint,
+)
+from megatron_alp.convert.io_utils import (
+    HF_ASSETS_DIR,
+    PROVENANCE_FILE,
+    atomic_output_dir,
+    check_output_dir,
+    copy_hf_assets,
+    dtype_name,
+    load_hf_config,
+    parse_dtype,
+)
+from megatron_alp.convert.mapping import ModelMapping, get_mapping
+from megatron_alp.convert.safetensors_io import HFSafetensors
+from megatron_alp.models.hf import gpt_args_from_hf
+
+__all__ = ["ConversionReport", "convert_hf_to_megatron", "plan_chunks"]
+
+DEFAULT_BLOCK_BYTES = 256 * 1024**2
+"""Row blocks of the embedding / output layer are at most this big (bounds memory)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConversionReport:
+    """What a conversion did (returned by both converters)."""
+
+    source: str
+    target: str
+    model_type: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
+
+
+def _check_model_type(folder: Path) -> None:
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        raise ValueError(f"{folder} has no config.json (expected an HF model folder)")
+    model_type = json.loads(cfg.read_text()).get("model_type")
+    get_mapping(model_type)  # ValueError listing the supported types
+
+
+def validate_hf_checkpoint(mapping: ModelMapping, hf: HFSafetensors) -> None:
+    """Every tensor the model needs exists with its shape; nothing is left unmapped."""
+    for name in mapping.hf_names():
+        if name not in hf:
+            raise ValueError(
+                f"HF checkpoint {hf.folder} lacks tensor {name!r}, which a "
+                f"{mapping.model_type} model of this config.json needs"
+            )
+        info = hf.info(name)
+        want = mapping.hf_shape(name)
+        if info.shape != want:
+            raise ValueError(
+                f"shape mismatch: tensor {name} in {info.file} has shape {info.shape}, "
+                f"config.json implies {want}"
+            )
+    unknown = []
+    for name in hf.names():
+        try:
+            mapping.hf_target(name)
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        where = hf.info(unknown[0]).file
+        raise ValueError(
+            f"HF checkpoint {hf.folder} has {len(unknown)} tensor(s) that the "
+            f"{mapping.model_type} mapping does not know, e.g. {unknown[0]!r} in {where}: "
+            f"{unknown[:5]} (wrong config.json, or an architecture variant that is not supported)"
+        )
+
+
+def plan_chunks(
+    mapping: ModelMapping,
+    read: Callable[[str, tuple[int, int] | None], torch.Tensor],
+    dtype_of: Callable[[str], torch.dtype],
+    *,
+    dtype: torch.dtype | None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> list[ChunkWrite]:
+    """The dist-checkpoint chunks of a whole model, each produced from HF tensors on demand.
+
+    ``read(hf_name, rows)`` returns an HF tensor (or rows ``[r0, r1)`` of it);
+    ``dtype_of(hf_name)`` its stored dtype (used when ``dtype`` is None). A canonical
+    tensor that is a stack of whole HF tensors (:meth:`ModelMapping.row_pieces`: gate /
+    up, copies, the vocabulary) becomes one chunk per HF tensor, in row blocks of at most
+    ``block_bytes`` outside the layers, plus a zero chunk for the vocabulary padding; so
+    nothing is concatenated. QKV is interleaved into one chunk per layer.
+    """
+    L = mapping.args.num_layers
+    chunks: list[ChunkWrite] = []
+    for name in mapping.megatron_names():
+        key, layer = checkpoint_key(name)
+        shape = mapping.megatron_shape(name)
+        sources = mapping.hf_sources(name)
+        out_dtype = dtype or dtype_of(sources[0])
+        # Layers are stacked along a leading axis of size L.
+        lead = (layer,) if layer is not None else ()
+        global_shape = (L, *shape) if layer is not None else shape
+        rest0 = (0,) * (len(shape) - 1)
+
+        def add(row0: int, rows: int, produce: Callable[[], torch.Tensor]) -> None:
+            chunks.append(
+                ChunkWrite(
+                    key=key,
+                    global_shape=global_shape,
+                    offsets=(*lead, row0, *rest0),
+                    sizes=(*((1,) if lead else ()), rows, *shape[1:]),
+                    dtype=out_dtype,
+                    produce=produce,
+                )
+            )
+
+        pieces = mapping.row_pieces(name)
+        if pieces is None:  # QKV: interleaved per query group, one chunk
+            add(0, shape[0], _transform_producer(mapping, name, read, unsqueeze=bool(lead)))
+            continue
+        row_bytes = torch.empty((), dtype=out_dtype).element_size()
+        for s in shape[1:]:
+            row_bytes *= s
+        step = max(1, block_bytes // row_bytes) if not lead else None
+        end = 0
+        for hf_name, row0 in pieces:
+            n = mapping.hf_shape(hf_name)[0]
+            block = n if step is None else step
+            for r in range(0, n, block):
+                r1 = min(r + block, n)
+                rows = None if (r, r1) == (0, n) else (r, r1)
+                add(row0 + r, r1 - r, _read_producer(read, hf_name, rows, unsqueeze=bool(lead)))
+            end = row0 + n
+        if end < shape[0]:  # vocabulary padding: zeros
+            pad_shape = (*((1,) if lead else ()), shape[0] - end, *shape[1:])
+            add(end, shape[0] - end, functools.partial(torch.zeros, pad_shape, dtype=out_dtype))
+    return chunks
+
+
+def _transform_producer(mapping: ModelMapping, name: str, read, *, unsqueeze: bool):
+    def produce() -> torch.Tensor:
+        t = mapping.to_megatron(name, [read(h, None) for h in mapping.hf_sources(name)])
+        return t.unsqueeze(0) if unsqueeze else t
+
+    return produce
+
+
+def _read_producer(read, hf_name: str, rows: tuple[int, int] | None, *, unsqueeze: bool):
+    def produce() -> torch.Tensor:
+        t = read(hf_name, rows)
+        return t.unsqueeze(0) if unsqueeze else t
+
+    return produce
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    progress: bool = True,
+    thread_count: int = 1,
+    make_vocab_size_divisible_by: int = 128,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> ConversionReport:
+    """Convert an HF folder into a Megatron dist checkpoint at ``out_dir`` (see module doc).
+
+    ``dtype`` None keeps each tensor's stored dtype; ``"bf16"`` / ``"fp32"`` / ``"fp16"``
+    cast. ``force`` replaces a non-empty ``out_dir``. ``thread_count`` DCP writer threads
+    (each holds one chunk). Raises ValueError naming the file / tensor / value for bad input.
+    """
+    t0 = time.perf_counter()
+    hf_dir = Path(hf_dir)
+    out_dtype = parse_dtype(dtype)
+    if Path(out_dir).absolute() == hf_dir.absolute():
+        raise ValueError(f"output folder {out_dir} is the HF input folder")
+    check_output_dir(out_dir, force=force)
+    _check_model_type(hf_dir)
+    config = load_hf_config(hf_dir)
+    args = gpt_args_from_hf(config)
+    mapping = ModelMapping(
+        get_mapping(args.model_type), args, make_vocab_size_divisible_by=make_vocab_size_divisible_by
+    )
+    hf = HFSafetensors(hf_dir)
+    validate_hf_checkpoint(mapping, hf)
+
+    read_bytes = 0
+
+    def read(name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        nonlocal read_bytes
+        t = hf.read(name, rows)
+        read_bytes += t.numel() * t.element_size()
+        return t
+
+    chunks = plan_chunks(
+        mapping, read, lambda n: hf.info(n).dtype, dtype=out_dtype, block_bytes=block_bytes
+    )
+    objects = {k: None for k in extra_state_keys(mapping.megatron_names(), args.num_layers)}
+    total = sum(c.nbytes for c in chunks)
+    bar = _progress(total, f"hf->megatron {hf_dir.name}", progress)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        write_dist_checkpoint(
+            tmp, chunks, objects, thread_count=thread_count,
+            on_chunk=(lambda c: bar.update(c.nbytes)) if bar is not None else None,
+        )
+        if bar is not None:
+            bar.close()
+        copy_hf_assets(hf_dir, tmp / HF_ASSETS_DIR)
+        provenance = {
+            "format": "megatron_alp.convert/1",
+            "direction": "hf_to_megatron",
+            "source": str(hf_dir.absolute()),
+            "model_type": args.model_type,
+            "dtype": dtype_name(out_dtype) if out_dtype else "source",
+            "stored_dtypes": sorted({dtype_name(c.dtype) for c in chunks}),
+            "num_layers": args.num_layers,
+            "vocab_size": args.vocab_size,
+            "padded_vocab_size": mapping.padded_vocab,
+            "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
+            "tie_word_embeddings": args.tie_word_embeddings,
+            "hf_assets": HF_ASSETS_DIR,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "versions": _versions(),
+        }
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return ConversionReport(
+        source=str(hf_dir),
+        target=str(out_dir),
+        model_type=args.model_type,
+        tensors=len(mapping.megatron_names()),
+        bytes_read=read_bytes,
+        bytes_written=total,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("megatron-core", "torch", "transformers", "megatron-alp"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class _Bar:
+    def __init__(self, total: int, desc: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress(total: int, desc: str, enabled: bool) -> _Bar | None:
+    return _Bar(total, desc) if enabled else None
