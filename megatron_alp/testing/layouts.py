@@ -23,7 +23,41 @@ from megatron_alp.models.sharding import gather_tp_full, load_full_state
 from megatron_alp.schedule import forward_backward, wrap_ddp
 from megatron_alp.testing.tiny import random_full_state
 
-__all__ = ["canonical_state", "cross_entropy_loss", "gather_vocab", "run_layout"]
+__all__ = [
+    "LAYOUTS",
+    "canonical_state",
+    "cross_entropy_loss",
+    "gather_vocab",
+    "merge_ranks",
+    "run_layout",
+]
+
+LAYOUTS: dict[str, parallel.ParallelConfig] = {
+    "tp1": parallel.ParallelConfig(),
+    "tp2": parallel.ParallelConfig(tensor_model_parallel_size=2),
+    "tp2_sp": parallel.ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
+    "pp2": parallel.ParallelConfig(pipeline_model_parallel_size=2),
+    "tp2_pp2": parallel.ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+    "pp2_vpp2": parallel.ParallelConfig(
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2
+    ),
+}
+"""The layouts every equivalence test sweeps on 4 ranks (TP=1 runs with DP=4)."""
+
+
+def merge_ranks(per_rank: list[dict[str, Any]], run: str) -> dict[str, Any]:
+    """Merge ``run_layout`` results of all ranks: grads of every stage, logits, losses."""
+    grads: dict[str, torch.Tensor] = {}
+    logits, losses = None, None
+    for r in per_rank:
+        res = r[run]
+        if res["grads"] is not None:
+            grads.update(res["grads"])
+        if res["logits"] is not None:
+            logits = res["logits"]
+        if res["losses"] is not None:
+            losses = res["losses"]
+    return dict(grads=grads, logits=logits, losses=losses)
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch
 from megatron_alp import parallel
 from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
 from megatron_alp.models.sharding import gather_tp_full, iter_named_local_params, load_full_state
-from megatron_alp.parallel import ParallelConfig
 from megatron_alp.perturbation import (
     ALPConfig,
     alp_config_overrides,
@@ -25,20 +24,18 @@ from megatron_alp.perturbation import (
 from megatron_alp.perturbation.function import NoiseSite, add_noise, site_noise
 from megatron_alp.perturbation.kernels import get_kernel
 from megatron_alp.schedule import forward_backward, wrap_ddp
-from megatron_alp.testing.layouts import canonical_state, cross_entropy_loss, gather_vocab, run_layout
+from megatron_alp.testing.layouts import (
+    LAYOUTS,
+    canonical_state,
+    cross_entropy_loss,
+    gather_vocab,
+    run_layout,
+)
 from megatron_alp.testing.tiny import tiny_batches, tiny_hf_config
 
 SIGMA0 = 0.05
 SEED = 7
 ALP = ALPConfig(init_std=SIGMA0, seed=SEED)
-LAYOUTS = {
-    "tp1": ParallelConfig(),
-    "tp2": ParallelConfig(tensor_model_parallel_size=2),
-    "tp2_sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
-    "pp2": ParallelConfig(pipeline_model_parallel_size=2),
-    "tp2_pp2": ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-    "pp2_vpp2": ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
-}
 # run name -> (layout, micro-batch size, recompute granularity, ALP on)
 SWEEP = {
     "tp1": ("tp1", 2, None, True),

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron_alp.testing.distributed import RankGroup
+from megatron_alp.testing.layouts import merge_ranks
 from tests.distributed import alp_bodies as bodies
 
 REL = 1e-5
@@ -26,19 +27,6 @@ REL = 1e-5
 def group():
     with RankGroup(4, timeout_s=900) as g:
         yield g
-
-
-def merge(per_rank: list[dict], run: str) -> dict:
-    grads, logits, losses = {}, None, None
-    for r in per_rank:
-        res = r[run]
-        if res["grads"] is not None:
-            grads.update(res["grads"])
-        if res["logits"] is not None:
-            logits = res["logits"]
-        if res["losses"] is not None:
-            losses = res["losses"]
-    return dict(grads=grads, logits=logits, losses=torch.tensor(losses))
 
 
 def assert_rel(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> None:
@@ -60,7 +48,8 @@ def assert_runs_equal(got: dict, ref: dict, rel: float, what: str, *, logits: bo
 @pytest.fixture(scope="module")
 def sweep(group):
     per_rank = group.run(bodies.sweep, bodies.SWEEP)
-    return {name: merge(per_rank, name) for name in bodies.SWEEP}
+    merged = {name: merge_ranks(per_rank, name) for name in bodies.SWEEP}
+    return {name: dict(m, losses=torch.tensor(m["losses"])) for name, m in merged.items()}
 
 
 def test_layouts_match_tp1(sweep):

@@ -7,21 +7,10 @@ one architecture per test; the TP=1 run inside the same group is the oracle.
 import pytest
 import torch
 
-from megatron_alp.parallel import ParallelConfig
 from megatron_alp.testing.distributed import RankGroup
-from megatron_alp.testing.layouts import canonical_state, run_layout
+from megatron_alp.testing.layouts import LAYOUTS, canonical_state, merge_ranks, run_layout
 from megatron_alp.testing.tiny import tiny_batches, tiny_hf_config
 
-LAYOUTS = {
-    "tp1": ParallelConfig(),
-    "tp2": ParallelConfig(tensor_model_parallel_size=2),
-    "tp2_sp": ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
-    "pp2": ParallelConfig(pipeline_model_parallel_size=2),
-    "tp2_pp2": ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-    "pp2_vpp2": ParallelConfig(
-        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2
-    ),
-}
 ARCHS = {
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3"),
@@ -36,19 +25,6 @@ def sweep(arch: dict, layouts: list[str]) -> dict:
     return {name: run_layout(hf, LAYOUTS[name], full, batches, steps=2) for name in layouts}
 
 
-def merge(per_rank: list[dict], layout: str) -> dict:
-    grads, logits, losses = {}, None, None
-    for r in per_rank:
-        res = r[layout]
-        if res["grads"] is not None:
-            grads.update(res["grads"])
-        if res["logits"] is not None:
-            logits = res["logits"]
-        if res["losses"] is not None:
-            losses = res["losses"]
-    return dict(grads=grads, logits=logits, losses=losses)
-
-
 @pytest.fixture(scope="module")
 def group():
     with RankGroup(4, timeout_s=600) as g:
@@ -58,13 +34,13 @@ def group():
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_layouts_match_tp1(group, arch):
     per_rank = group.run(sweep, ARCHS[arch], list(LAYOUTS))
-    ref = merge(per_rank, "tp1")
+    ref = merge_ranks(per_rank, "tp1")
     assert ref["logits"].shape == (2, 16, 256)
     assert len(ref["grads"]) > 10
     for layout in LAYOUTS:
         if layout == "tp1":
             continue
-        got = merge(per_rank, layout)
+        got = merge_ranks(per_rank, layout)
         torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=0, msg=layout)
         assert got["grads"].keys() == ref["grads"].keys(), layout
         for name, g in ref["grads"].items():
