@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ParallelConfig(
         tensor_model_parallel_size=ns.tp, pipeline_model_parallel_size=ns.pp, sequence_parallel=ns.sp
     )
+    from megatron_alp.models import gpt_args_from_hf, validate_layout
+    from megatron_alp.testing.tiny import tiny_hf_config
+
+    # Clear errors (heads / layers not divisible, ...) before any rank starts.
+    validate_layout(gpt_args_from_hf(tiny_hf_config(ns.model_type)), cfg)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
 
@@ -109,4 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as e:  # bad flags: the message names the value and what is allowed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
