@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from megatron_alp.convert.mapping import ModelMapping, get_mapping, is_alp_param
 from megatron_alp.models.hf import gpt_args_from_hf
-from megatron_alp.models.sharding import iter_named_local_params
+from megatron_alp.models.sharding import assemble_tp_parts, is_gated_fc1, iter_named_local_params
 
 __all__ = ["ExportPlan", "export_hf_buckets", "plan_export"]
 
@@ -125,24 +125,20 @@ def _gather_tp_to_first(name: str, param: torch.nn.Parameter, dtype: torch.dtype
     group = ps.get_tensor_model_parallel_group()
     first = dist.get_global_rank(group, 0)
     dim = int(param.partition_dim)
-    gated = name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+    gated = is_gated_fc1(name)
     if rank != 0:
         dist.gather(data.contiguous(), None, dst=first, group=group)
         return None
-    shape = list(data.shape)
-    shape[dim] *= size
-    full = torch.empty(shape, dtype=dtype)
     if dim == 0 and not gated:
+        shape = list(data.shape)
+        shape[0] *= size
+        full = torch.empty(shape, dtype=dtype)
         parts = list(full.chunk(size, dim=0))  # contiguous views: no extra copy
         dist.gather(data.contiguous(), parts, dst=first, group=group)
         return full
     parts = [torch.empty_like(data) for _ in range(size)]
     dist.gather(data.contiguous(), parts, dst=first, group=group)
-    if gated:  # each rank holds [gate_r; up_r]
-        gates, ups = zip(*(torch.chunk(p, 2, dim=dim) for p in parts))
-        parts = [*gates, *ups]
-    torch.cat(parts, dim=dim, out=full)
-    return full
+    return assemble_tp_parts(name, parts, dim)
 
 
 @torch.no_grad()

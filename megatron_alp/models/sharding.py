@@ -26,8 +26,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "assemble_tp_parts",
     "canonical_name",
     "gather_tp_full",
+    "is_gated_fc1",
     "iter_named_local_params",
     "load_full_state",
     "shard_full_tensor",
@@ -84,8 +86,17 @@ def _tp() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _is_gated_fc1(name: str, param: torch.Tensor) -> bool:
+def is_gated_fc1(name: str) -> bool:
+    """True for the ``[gate; up]`` fused ``linear_fc1`` of a gated (SwiGLU) MLP."""
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+
+
+def assemble_tp_parts(name: str, parts: list[torch.Tensor], dim: int, *, gated_mlp: bool = True) -> torch.Tensor:
+    """Full tensor from its TP shards in rank order (each gated shard is ``[gate_r; up_r]``)."""
+    if gated_mlp and is_gated_fc1(name):
+        gates, ups = zip(*(torch.chunk(p, 2, dim=dim) for p in parts))
+        parts = [*gates, *ups]
+    return torch.cat(parts, dim=dim)
 
 
 def shard_full_tensor(
@@ -101,7 +112,7 @@ def shard_full_tensor(
         return full
     rank, size = _tp()
     dim = int(param.partition_dim)
-    if gated_mlp and _is_gated_fc1(name, param):
+    if gated_mlp and is_gated_fc1(name):
         halves = torch.chunk(full, 2, dim=dim)
         out = torch.cat([torch.chunk(h, size, dim=dim)[rank] for h in halves], dim=dim)
     else:
@@ -154,11 +165,7 @@ def _gather_tp(name: str, local: torch.Tensor, param: torch.Tensor, gated_mlp: b
         return local
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    dim = int(param.partition_dim)
-    if gated_mlp and _is_gated_fc1(name, param):
-        gates, ups = zip(*(torch.chunk(p, 2, dim=dim) for p in parts))
-        return torch.cat([*gates, *ups], dim=dim)
-    return torch.cat(parts, dim=dim)
+    return assemble_tp_parts(name, parts, int(param.partition_dim), gated_mlp=gated_mlp)
 
 
 @torch.no_grad()
