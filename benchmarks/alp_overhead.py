@@ -269,8 +269,8 @@ def main() -> None:
     from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
     from megatron_alp.models.sharding import load_full_state
     from megatron_alp.perturbation import perturbed
-    from megatron_alp.testing.distributed import free_port
-    from megatron_alp.testing.tiny import random_full_state, tiny_hf_config
+    from megatron_alp.launch import free_port
+    from megatron_alp.models.tiny import random_full_state, tiny_hf_config
 
     ffn = args.ffn or int(round(args.hidden * 2.75 / 64)) * 64
     hf = tiny_hf_config(

@@ -29,7 +29,7 @@ def _body(layers: int, bucket_mb: int) -> dict | None:
     from megatron_alp import parallel
     from megatron_alp.convert.live_export import export_hf_buckets
     from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
-    from megatron_alp.testing.tiny import tiny_hf_config
+    from megatron_alp.models.tiny import tiny_hf_config
 
     hf = tiny_hf_config(
         "qwen2", hidden_size=2048, num_attention_heads=16, num_key_value_heads=4,
@@ -85,7 +85,7 @@ def main() -> None:
     ns = p.parse_args()
     import os
 
-    from megatron_alp.testing.distributed import run_on_ranks
+    from megatron_alp.launch import run_on_ranks
 
     # Make glibc return freed buffers to the OS at once, so that the ranks' RSS follows
     # live memory (by default freed blocks up to 32 MiB stay in the heap and RSS only grows).

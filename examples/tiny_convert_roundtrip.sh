@@ -12,7 +12,7 @@ echo "[example] working in $work"
 "$py" - "$work/hf" <<'PY'
 import sys, torch
 from transformers import AutoModelForCausalLM
-from megatron_alp.testing.tiny import tiny_hf_config
+from megatron_alp.models.tiny import tiny_hf_config
 torch.manual_seed(0)
 AutoModelForCausalLM.from_config(tiny_hf_config("qwen2")).save_pretrained(sys.argv[1])
 print(f"[example] random tiny Qwen2 saved to {sys.argv[1]}")

@@ -40,7 +40,7 @@ def _body(ns: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from megatron_alp.testing.layouts import canonical_state, run_layout
-    from megatron_alp.testing.tiny import tiny_batches, tiny_hf_config
+    from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
 
     rank = dist.get_rank()
     hf = tiny_hf_config(ns.model_type)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         tensor_model_parallel_size=ns.tp, pipeline_model_parallel_size=ns.pp, sequence_parallel=ns.sp
     )
     from megatron_alp.models import gpt_args_from_hf, validate_layout
-    from megatron_alp.testing.tiny import tiny_hf_config
+    from megatron_alp.models.tiny import tiny_hf_config
 
     # Clear errors (heads / layers not divisible, ...) before any rank starts.
     validate_layout(gpt_args_from_hf(tiny_hf_config(ns.model_type)), cfg)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _compare(results, ns) if dist.get_rank() == 0 else 0
         parallel.teardown()
         return code
-    from megatron_alp.testing.distributed import run_on_ranks
+    from megatron_alp.launch import run_on_ranks
 
     nproc = ns.nproc or cfg.model_parallel_size
     cfg.data_parallel_size(nproc)  # clear error before any rank starts

@@ -159,7 +159,7 @@ def forward_logits(chunks: Sequence[torch.nn.Module], tokens: torch.Tensor) -> t
     from megatron.core import parallel_state as ps
 
     from megatron_alp.schedule import forward_backward
-    from megatron_alp.testing.layouts import gather_vocab
+    from megatron_alp.models.sharding import gather_vocab
 
     for c in chunks:
         c.eval()

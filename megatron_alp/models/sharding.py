@@ -29,6 +29,7 @@ __all__ = [
     "assemble_tp_parts",
     "canonical_name",
     "gather_tp_full",
+    "gather_vocab",
     "is_gated_fc1",
     "iter_named_local_params",
     "load_full_state",
@@ -191,3 +192,13 @@ def gather_tp_full(
             local = param.data
         out[name] = _gather_tp(name, local.detach(), param, gated_mlp).clone()
     return out
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """All-gather vocab-parallel logits [..., V/TP] over TP into [..., V] (no grad)."""
+    size = ps.get_tensor_model_parallel_world_size()
+    if size == 1:
+        return logits.detach().clone()
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)

@@ -19,9 +19,9 @@ from megatron.core import tensor_parallel
 
 from megatron_alp import parallel
 from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
-from megatron_alp.models.sharding import gather_tp_full, load_full_state
+from megatron_alp.models.sharding import gather_tp_full, gather_vocab, load_full_state
 from megatron_alp.schedule import forward_backward, wrap_ddp
-from megatron_alp.testing.tiny import random_full_state
+from megatron_alp.models.tiny import random_full_state
 
 __all__ = [
     "LAYOUTS",
@@ -58,16 +58,6 @@ def merge_ranks(per_rank: list[dict[str, Any]], run: str) -> dict[str, Any]:
         if res["losses"] is not None:
             losses = res["losses"]
     return dict(grads=grads, logits=logits, losses=losses)
-
-
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """All-gather vocab-parallel logits [..., V/TP] over TP into [..., V] (no grad)."""
-    size = ps.get_tensor_model_parallel_world_size()
-    if size == 1:
-        return logits.detach().clone()
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    dist.all_gather(parts, logits.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
 
 
 def cross_entropy_loss(record: list) -> Callable:

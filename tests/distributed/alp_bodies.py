@@ -28,10 +28,10 @@ from megatron_alp.testing.layouts import (
     LAYOUTS,
     canonical_state,
     cross_entropy_loss,
-    gather_vocab,
     run_layout,
 )
-from megatron_alp.testing.tiny import tiny_batches, tiny_hf_config
+from megatron_alp.models.sharding import gather_vocab
+from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
 
 SIGMA0 = 0.05
 SEED = 7

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from megatron_alp.testing.distributed import RankGroup
+from megatron_alp.launch import RankGroup
 from megatron_alp.testing.layouts import merge_ranks
 from tests.distributed import alp_bodies as bodies
 

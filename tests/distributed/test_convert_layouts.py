@@ -24,8 +24,8 @@ from megatron_alp.convert.verify import compare_logits, forward_logits, hf_refer
 from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
 from megatron_alp.models.sharding import iter_named_local_params
 from megatron_alp.parallel import ParallelConfig
-from megatron_alp.testing.distributed import RankGroup
-from megatron_alp.testing.tiny import tiny_hf_config
+from megatron_alp.launch import RankGroup
+from megatron_alp.models.tiny import tiny_hf_config
 
 LAYOUTS = {
     "tp1": ParallelConfig(),

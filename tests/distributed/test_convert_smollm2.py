@@ -18,7 +18,7 @@ import torch
 from megatron_alp.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_alp.convert.verify import compare_logits, hf_reference_logits, megatron_logits, prompt_batch
 from megatron_alp.parallel import ParallelConfig
-from megatron_alp.testing.distributed import RankGroup
+from megatron_alp.launch import RankGroup
 
 REPO = Path(__file__).resolve().parents[2]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

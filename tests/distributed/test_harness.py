@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_alp.testing.distributed import RankFailure, RankGroup
+from megatron_alp.launch import RankFailure, RankGroup
 
 
 def rank_and_sum() -> tuple[int, float]:

@@ -7,9 +7,9 @@ one architecture per test; the TP=1 run inside the same group is the oracle.
 import pytest
 import torch
 
-from megatron_alp.testing.distributed import RankGroup
+from megatron_alp.launch import RankGroup
 from megatron_alp.testing.layouts import LAYOUTS, canonical_state, merge_ranks, run_layout
-from megatron_alp.testing.tiny import tiny_batches, tiny_hf_config
+from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
 
 ARCHS = {
     "qwen2": dict(model_type="qwen2"),

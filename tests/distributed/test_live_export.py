@@ -10,9 +10,9 @@ from megatron_alp.models import build_model, gpt_args_from_hf, transformer_confi
 from megatron_alp.models.sharding import load_full_state
 from megatron_alp.parallel import ParallelConfig
 from megatron_alp.schedule import forward_backward
-from megatron_alp.testing.distributed import RankGroup
+from megatron_alp.launch import RankGroup
 from megatron_alp.testing.layouts import canonical_state, cross_entropy_loss
-from megatron_alp.testing.tiny import tiny_batches, tiny_hf_config
+from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
 
 BUCKET = 70_000  # bytes: forces many buckets on the tiny model (embedding is 65,536)
 ARCHS = {"qwen2": dict(model_type="qwen2"), "qwen3": dict(model_type="qwen3"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_alp.testing.distributed import RankGroup
+from megatron_alp.launch import RankGroup
 
 
 @pytest.fixture(scope="module")

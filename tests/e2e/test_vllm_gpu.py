@@ -19,7 +19,7 @@ def test_vllm_engine_weight_update(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from megatron_alp.rollout import LocalEngine, SamplingParams, create_engine
-    from megatron_alp.testing.tiny import tiny_hf_config
+    from megatron_alp.models.tiny import tiny_hf_config
 
     cfg = tiny_hf_config("qwen2", vocab_size=256)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megatron_alp import parallel
 from megatron_alp.models import gpt_args_from_hf, padded_vocab_size, validate_layout
 from megatron_alp.parallel import ParallelConfig
-from megatron_alp.testing.tiny import tiny_hf_config
+from megatron_alp.models.tiny import tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[2]
 

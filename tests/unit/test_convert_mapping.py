@@ -18,7 +18,7 @@ from megatron_alp.convert.dist_ckpt import checkpoint_key, extra_state_keys
 from megatron_alp.convert.io_utils import parse_dtype, parse_size
 from megatron_alp.convert.safetensors_io import HFSafetensors, ShardedSafetensorsWriter, plan_shards
 from megatron_alp.models import supported_model_types
-from megatron_alp.testing.tiny import tiny_hf_config
+from megatron_alp.models.tiny import tiny_hf_config
 
 ARCHS = [("qwen2", False), ("qwen3", False), ("llama", True), ("llama", False)]
 

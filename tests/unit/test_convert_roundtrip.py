@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from megatron_alp.convert import convert_hf_to_megatron, convert_megatron_to_hf, model_mapping
 from megatron_alp.convert.dist_ckpt import DistCheckpoint, checkpoint_key
 from megatron_alp.convert.io_utils import PROVENANCE_FILE, load_hf_config
-from megatron_alp.testing.tiny import tiny_hf_config
+from megatron_alp.models.tiny import tiny_hf_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_alp.rollout import LocalEngine, SamplingParams, create_engine, available_engines
-from megatron_alp.testing.tiny import tiny_hf_config
+from megatron_alp.models.tiny import tiny_hf_config
 
 PROMPTS = [[5, 17, 99, 3], [42], [7, 8, 9, 10, 11, 12, 13]]
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not torchrun:
         ref = hf_reference_logits(args.hf, tokens)  # before the ranks start: one copy at a time
-        from megatron_alp.testing.distributed import RankGroup
+        from megatron_alp.launch import RankGroup
 
         with RankGroup(world, timeout_s=args.timeout) as group:
             got = [g for g in group.run(megatron_logits, args.megatron, layout, tokens) if g is not None]
