@@ -196,6 +196,8 @@ def gather_tp_full(
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """All-gather vocab-parallel logits [..., V/TP] over TP into [..., V] (no grad)."""
+    from megatron.core import parallel_state as ps
+
     size = ps.get_tensor_model_parallel_world_size()
     if size == 1:
         return logits.detach().clone()
