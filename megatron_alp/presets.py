@@ -28,9 +28,11 @@ from megatron_alp.perturbation.config import ALPConfig
 from megatron_alp.rl.advantages import available_advantage_estimators
 from megatron_alp.rl.losses import PolicyLossConfig, policy_loss_config
 
-__all__ = ["CONFIG_DIR", "RunPreset", "available_presets", "load_preset"]
+__all__ = ["CONFIG_DIR", "RunPreset", "available_presets", "load_preset", "resolve_preset_path"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The repository's configs/, reached through the package's `configs` link (and shipped as
+# package data, so a non-editable install has it too).
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,8 +59,11 @@ def _fields(cls: type, section: dict[str, Any], where: str) -> dict[str, Any]:
     return section
 
 
-def load_preset(name_or_path: str | Path) -> RunPreset:
-    """Read a preset by name (``configs/<name>.yaml``) or by path; validate it."""
+def resolve_preset_path(name_or_path: str | Path) -> Path:
+    """``configs/<name>.yaml`` for a preset name, the path itself for a ``.yaml`` file.
+
+    ValueError naming the value and listing the shipped presets when neither exists.
+    """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -68,12 +73,20 @@ def load_preset(name_or_path: str | Path) -> RunPreset:
             )
     if not path.is_file():
         raise ValueError(f"preset file {path} does not exist")
+    return path
+
+
+def load_preset(name_or_path: str | Path) -> RunPreset:
+    """Read a preset by name (``configs/<name>.yaml``) or by path; validate it."""
+    path = resolve_preset_path(name_or_path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"policy_loss", "alp", "advantages"})
+    unknown = sorted(set(data) - {"policy_loss", "alp", "advantages", "train"})
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; valid: advantages, alp, policy_loss")
+        raise ValueError(
+            f"{path}: unknown section(s) {unknown}; valid: advantages, alp, policy_loss, train"
+        )
     loss = dict(data.get("policy_loss") or {})
     base = loss.pop("preset", None)
     if base is None:

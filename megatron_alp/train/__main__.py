@@ -1,0 +1,176 @@
+"""``torchrun --nproc-per-node N -m megatron_alp.train ...`` or ``python -m megatron_alp.train ...``.
+
+Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every process is one rank. Started with
+plain ``python``, the command validates its arguments, then starts ``--nproc`` ranks
+itself (default TP x PP x CP) as child processes of this one — gloo on a machine without
+a GPU, NCCL with one GPU per rank otherwise — forwards SIGTERM / SIGINT / SIGUSR1 to them,
+and exits with the first non-zero exit code (0 when every rank succeeded). Bad
+arguments exit 2 with one line naming the flag, before any rank starts.
+
+Rank 0 speaks; the other ranks' output goes to ``RUN_DIR/logs/rank_N.log`` and the tail
+of a failing rank's log is printed. Third-party warnings are filtered (``--verbose`` or
+``MEGATRON_ALP_VERBOSE=1`` shows them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_CHILD = "MEGATRON_ALP_TRAIN_CHILD"
+
+
+def _quiet() -> None:
+    """Filter third-party warnings unless asked for them (before the heavy imports)."""
+    if os.environ.get("MEGATRON_ALP_VERBOSE") == "1":
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("torch.utils.cpp_extension", "megatron", "megatron.core", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _watch_parent() -> None:
+    """A spawned rank exits when the launcher dies (kill -9 included)."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=loop, daemon=True, name="parent-watch").start()
+
+
+def _run_rank(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from megatron_alp import parallel
+    from megatron_alp.train.arguments import config_json, parse_args
+    from megatron_alp.train.loop import run
+
+    cfg = parse_args(argv)
+    parallel.init_distributed()
+    if dist.get_rank() == 0 and os.environ.get(_CHILD) != "1":
+        print("[train] configuration:\n" + config_json(cfg), flush=True)
+    try:
+        result = run(cfg)
+    finally:
+        parallel.teardown()
+    return 0 if result is not None else 1
+
+
+def _launch(argv: list[str], nproc: int, run_dir: Path) -> int:
+    from megatron_alp.launch import free_port
+
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+    files = []
+    for r in range(nproc):
+        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env[_CHILD] = "1"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        if r == 0:
+            out = None
+        else:
+            f = open(logs / f"rank_{r}.log", "w")
+            files.append(f)
+            out = f
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "megatron_alp.train", *argv], env=env,
+            stdout=out, stderr=subprocess.STDOUT if out is not None else None,
+        ))
+
+    def forward(signum, frame):  # noqa: ARG001
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    code = 0
+    try:
+        while True:
+            states = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(states) if c not in (None, 0)]
+            if failed:
+                r, c = failed[0]
+                code = c if c > 0 else 1
+                time.sleep(2.0)  # let the others report / notice
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                if r != 0:
+                    tail = (logs / f"rank_{r}.log").read_text().splitlines()[-25:]
+                    print(f"[train] rank {r} failed (exit {c}); last lines of {logs / f'rank_{r}.log'}:",
+                          file=sys.stderr)
+                    print("\n".join(tail), file=sys.stderr)
+                break
+            if all(s == 0 for s in states):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in files:
+            f.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+        os.environ["MEGATRON_ALP_VERBOSE"] = "1"
+    _quiet()
+    child = os.environ.get(_CHILD) == "1"
+    if child:
+        _watch_parent()
+    try:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            return _run_rank(argv)
+        from megatron_alp.train.arguments import config_json, parse_args
+
+        cfg = parse_args(argv)
+        nproc = cfg.world_size
+        print("[train] configuration:\n" + config_json(cfg), flush=True)
+        print(f"[train] starting {nproc} rank(s) (TP={cfg.parallel.tensor_model_parallel_size}, "
+              f"PP={cfg.parallel.pipeline_model_parallel_size}, DP={cfg.data_parallel_size}) ...", flush=True)
+        return _launch(argv, nproc, Path(cfg.run.run_dir))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[train] interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

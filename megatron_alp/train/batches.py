@@ -1,0 +1,106 @@
+"""Samples -> padded tensors -> this rank's mini-batches and micro-batches.
+
+Layout of one sequence (``P`` prompt and ``R`` response tokens, right padding to ``S``)::
+
+    tokens   p0 .. p{P-1} r0 .. r{R-1} pad ..
+    labels   tokens shifted left by one (label t is token t + 1), 0 at the end
+    mask     1 where the label is a response token: t in [P-1, P+R-2]
+
+``rollout_logp`` / ``old_logp`` / ``ref_logp`` are aligned with the labels. ``S`` is the
+step's longest sequence rounded up to a multiple of ``multiple`` (TP under sequence
+parallelism), the same on every rank.
+
+The step's ``N`` samples are permuted once (seeded by the step) and cut into mini-batches
+of ``global_batch_size`` (one optimizer step each, the same order in every
+``--grpo-iterations`` pass); DP rank ``d`` takes the ``d``-th contiguous slice of each
+mini-batch and splits it into micro-batches of ``micro_batch_size``. Every row carries its
+position in the mini-batch (``sample_offset`` of the micro-batch + row), which is the
+global sample id of ALP's noise: the same for any DP / micro-batch layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron_alp.train.rollouts import Sample
+
+__all__ = ["MiniBatch", "StepTensors", "plan_minibatches", "step_tensors"]
+
+
+@dataclasses.dataclass(slots=True)
+class StepTensors:
+    """The whole step's samples as ``[N, S]`` tensors (``advantages``: ``[N]``)."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logp: torch.Tensor
+    advantages: torch.Tensor
+    position_ids: torch.Tensor
+
+
+def step_tensors(samples: Sequence[Sample], *, multiple: int = 1) -> StepTensors:
+    """Pad every sample to the step's sequence length (see the module docstring)."""
+    longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    S = -(-longest // multiple) * multiple
+    N = len(samples)
+    tokens = torch.zeros((N, S), dtype=torch.long)
+    labels = torch.zeros((N, S), dtype=torch.long)
+    mask = torch.zeros((N, S), dtype=torch.float32)
+    roll = torch.zeros((N, S), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        seq = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        tokens[i, : P + R] = seq
+        labels[i, : P + R - 1] = seq[1:]
+        if R:
+            mask[i, P - 1 : P + R - 1] = 1.0
+            roll[i, P - 1 : P + R - 1] = torch.tensor(s.rollout_logp, dtype=torch.float32)
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    pos = torch.arange(S).unsqueeze(0).expand(N, -1).contiguous()
+    return StepTensors(tokens, labels, mask, roll, adv, pos)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MiniBatch:
+    """This DP rank's part of one mini-batch: micro-batches of sample indices."""
+
+    index: int
+    micro: tuple[tuple[int, ...], ...]
+    """Sample indices (into the step's list) of each micro-batch."""
+    offsets: tuple[int, ...]
+    """Position of each micro-batch's first row within the mini-batch (ALP sample id)."""
+
+
+def plan_minibatches(
+    n_samples: int,
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_size: int,
+    dp_rank: int,
+    seed: int,
+    step: int,
+) -> list[MiniBatch]:
+    """This rank's mini-batches of the step (see the module docstring)."""
+    perm = np.random.default_rng([seed, step, 0xBA7C]).permutation(n_samples).tolist()
+    local = global_batch_size // dp_size
+    out = []
+    for m in range(n_samples // global_batch_size):
+        start = m * global_batch_size + dp_rank * local
+        rows = perm[start : start + local]
+        micro, offsets = [], []
+        for k in range(0, local, micro_batch_size):
+            micro.append(tuple(rows[k : k + micro_batch_size]))
+            offsets.append(dp_rank * local + k)
+        out.append(MiniBatch(m, tuple(micro), tuple(offsets)))
+    return out
+
+
+def local_sample_ids(plan: Sequence[MiniBatch]) -> list[int]:
+    """Every sample index this rank trains on, in plan order."""
+    return [i for mb in plan for mic in mb.micro for i in mic]

@@ -1,0 +1,491 @@
+"""The RL loop: one step = rollouts -> rewards -> advantages -> log-prob pass -> updates -> sync.
+
+    prompts (seeded sampler)          every rank draws the same indices
+    -> rollouts on the engine         rank 0 (``--grpo-group-size`` per prompt), broadcast
+    -> rewards, advantages            registry reward; GRPO (default) per prompt group
+    -> log-prob pass                  forward only, never perturbed: old log-probs (the
+                                      preset's denominator / IS weights) and the
+                                      engine-vs-trainer mismatch metrics; reference pass
+                                      for the KL penalty
+    -> --grpo-iterations x mini-batches of --global-batch-size
+                                      one Megatron optimizer step each; ALP noise on in the
+                                      update forward only; globally normalised loss
+    -> weight sync                    HF-named buckets -> engine (K steps old under
+                                      --rl-generation-lag K)
+    -> metrics, eval, checkpoint, exit checks (agreed by every rank)
+
+Everything here is collective: every rank runs the same sequence of calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_alp import parallel, platform
+from megatron_alp.data import PromptDataset, PromptSampler
+from megatron_alp.perturbation import alp_metrics, perturbed, step_key
+from megatron_alp.rl.losses import compute_policy_loss, effective_loss_mask, global_loss_counts
+from megatron_alp.rl.metrics import MismatchMetrics
+from megatron_alp.rollout import SamplingParams, create_engine
+from megatron_alp.train import checkpoint as ckpt
+from megatron_alp.train.batches import local_sample_ids, plan_minibatches, step_tensors
+from megatron_alp.train.logging import RunLogger, progress_line, summary_table
+from megatron_alp.train.policy import Policy
+from megatron_alp.train.rollouts import Sample, add_advantages, encode_prompts, generate, pass_at_k
+
+__all__ = ["run"]
+
+
+class _ExitSignal:
+    """Records SIGTERM (and SIGUSR1, what SLURM's --signal sends) for a clean save-and-exit."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.received = True
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank if it is True on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=platform.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _broadcast(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _metrics_owner() -> int:
+    """Global rank of (last pipeline stage, TP rank 0, DP rank 0): it holds the loss metrics."""
+    from megatron.core import parallel_state as ps
+
+    flags = torch.zeros(dist.get_world_size(), device=platform.device())
+    me = (
+        ps.is_pipeline_last_stage()
+        and ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+    )
+    flags[dist.get_rank()] = 1.0 if me else 0.0
+    dist.all_reduce(flags)
+    return int(torch.nonzero(flags)[0].item())
+
+
+class Trainer:
+    """State of one run on one rank; :func:`run` drives it."""
+
+    def __init__(self, cfg: Any) -> None:
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.hf_config = AutoConfig.from_pretrained(str(cfg.run.hf_model))
+        self.policy = Policy(cfg, self.hf_config, with_reference=cfg.loss.needs_ref_logp)
+        self.dataset = PromptDataset.from_file(cfg.run.prompt_data)
+        self.sampler = PromptSampler(len(self.dataset), cfg.seed)
+        self.eval_set = PromptDataset.from_file(cfg.run.eval_data) if cfg.run.eval_data else None
+        self.step = 0
+        self.opt_step = 0
+        self.lagged: collections.deque = collections.deque()
+        self.engine = None
+        self.tokenizer = None
+        self.wandb_id = None
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        self.dp_group = ps.get_data_parallel_group()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+
+    # ------------------------------------------------------------------ engine side
+    def start_engine(self) -> None:
+        if self.rank != 0:
+            return
+        from transformers import AutoTokenizer
+
+        run = self.cfg.run
+        self.tokenizer = AutoTokenizer.from_pretrained(str(run.hf_model))
+        self.prompt_ids = encode_prompts(
+            self.tokenizer, self.dataset.prompts, max_length=run.max_prompt_length,
+            source=f"--rl-prompt-data {run.prompt_data}",
+        )
+        self.eval_ids = (
+            encode_prompts(self.tokenizer, self.eval_set.prompts, max_length=run.max_prompt_length,
+                           source=f"--rl-eval-data {run.eval_data}")
+            if self.eval_set is not None else None
+        )
+        dtype = "float32" if run.rollout_dtype == "fp32" else "bfloat16"
+        self.engine = create_engine(
+            run.rollout_engine, model=str(run.hf_model), dtype=dtype, device=str(platform.device()),
+        )
+        eos = self.tokenizer.eos_token_id
+        self.stop_ids = (eos,) if eos is not None else ()
+
+    def _export(self) -> list[list[tuple[str, torch.Tensor]]] | None:
+        """Every rank runs the export; rank 0 gets the buckets (copied, engine dtype)."""
+        from megatron_alp.convert.live_export import export_hf_buckets
+
+        dtype = torch.float32 if self.cfg.run.rollout_dtype == "fp32" else torch.bfloat16
+        buckets = []
+        for bucket in export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype):
+            if self.rank == 0:
+                buckets.append([(n, t.detach().to("cpu", copy=True)) for n, t in bucket])
+        return buckets if self.rank == 0 else None
+
+    def _load_engine(self, buckets) -> None:
+        if self.rank != 0:
+            return
+        self.engine.update_weights(iter(buckets))
+        if self.cfg.run.verify_weights_swap:
+            params = dict(self.engine.model.named_parameters())
+            for bucket in buckets:
+                for name, t in bucket:
+                    if not torch.equal(params[name].detach().cpu(), t.to(params[name].dtype)):
+                        raise RuntimeError(
+                            f"--rl-verify-model-weights-swap: the engine's {name} differs from the "
+                            "weights sent"
+                        )
+
+    def sync_weights(self) -> None:
+        """Push the current policy (or the one K updates old) to the engine."""
+        buckets = self._export()
+        if self.rank != 0:
+            return
+        lag = self.cfg.run.generation_lag
+        self.lagged.append(buckets)
+        while len(self.lagged) > lag + 1:
+            self.lagged.popleft()
+        self._load_engine(self.lagged[0])
+
+    # ------------------------------------------------------------------ one step
+    def _sampling(self, n: int, seed: int) -> SamplingParams:
+        run = self.cfg.run
+        return SamplingParams(
+            temperature=run.temperature, top_p=run.top_p, top_k=run.top_k,
+            max_new_tokens=run.max_new_tokens, n=n, seed=seed, stop_token_ids=self.stop_ids,
+        )
+
+    def rollouts(self, timing: dict[str, float]) -> list[Sample]:
+        from megatron_alp.rewards import get_reward
+
+        run = self.cfg.run
+        rows = self.sampler.next(run.prompts_per_step)
+        samples = None
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
+            samples = generate(
+                self.engine, self.tokenizer, self.prompt_ids, rows, self.dataset.answers,
+                self._sampling(run.group_size, seed), get_reward(run.reward),
+            )
+            add_advantages(samples, run.advantage_estimator)
+            timing["gen"] = time.perf_counter() - t0
+        return _broadcast(samples)
+
+    def _micro(self, st, ids: tuple[int, ...], extra: dict[str, torch.Tensor], offset: int) -> dict:
+        dev = platform.device()
+        idx = torch.tensor(ids, dtype=torch.long)
+        b = {
+            "tokens": st.tokens[idx], "labels": st.labels[idx], "loss_mask": st.loss_mask[idx],
+            "position_ids": st.position_ids[idx], "rollout_logp": st.rollout_logp[idx],
+            "advantages": st.advantages[idx], "sample_offset": torch.tensor(offset),
+        }
+        for k, v in extra.items():
+            b[k] = v[idx]
+        return {k: v.to(dev) for k, v in b.items()}
+
+    def train_step(self) -> dict[str, float]:
+        cfg, run, loss_cfg = self.cfg, self.cfg.run, self.cfg.loss
+        timing: dict[str, float] = {}
+        t_step = time.perf_counter()
+        samples = self.rollouts(timing)
+        st = step_tensors(samples, multiple=self.multiple)
+        plan = plan_minibatches(
+            len(samples), global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+            dp_size=cfg.data_parallel_size, dp_rank=self.ps.get_data_parallel_rank(), seed=cfg.seed,
+            step=self.step,
+        )
+        local = local_sample_ids(plan)
+        mbs = cfg.micro_batch_size
+
+        # --- log-prob pass (unperturbed): old log-probs, entropy, mismatch vs the engine
+        t0 = time.perf_counter()
+        chunks = [tuple(local[k : k + mbs]) for k in range(0, len(local), mbs)]
+        passes = self.policy.logprob_pass([self._micro(st, c, {}, 0) for c in chunks], with_entropy=True)
+        N, S = st.tokens.shape
+        old = torch.zeros((N, S))
+        ent = torch.zeros((N, S))
+        mismatch = MismatchMetrics(None)
+        for c, out in zip(chunks, passes):
+            idx = torch.tensor(c)
+            old[idx] = out["logp"].float().cpu()
+            ent[idx] = out["entropy"].float().cpu()
+            mismatch.update(logp=old[idx], rollout_logp=st.rollout_logp[idx], mask=st.loss_mask[idx])
+        extra = {"old_logp": old}
+        if loss_cfg.needs_ref_logp:
+            ref_out = self.policy.logprob_pass([self._micro(st, c, {}, 0) for c in chunks], reference=True)
+            ref = torch.zeros((N, S))
+            for c, out in zip(chunks, ref_out):
+                ref[torch.tensor(c)] = out["logp"].float().cpu()
+            extra["ref_logp"] = ref
+        timing["old_log_prob"] = time.perf_counter() - t0
+        metrics: dict[str, float] = {}
+        if self.is_last:
+            metrics.update(mismatch.compute(dp_group=self.dp_group, device=platform.device()))
+            m = st.loss_mask[torch.tensor(local)] if local else st.loss_mask[:0]
+            e = (ent[torch.tensor(local)] * m).sum() if local else torch.zeros(())
+            tot = torch.stack([e.double(), m.sum().double()]).to(platform.device())
+            dist.all_reduce(tot, group=self.dp_group)
+            metrics["actor/entropy"] = float(tot[0] / tot[1].clamp(min=1))
+
+        # --- updates
+        t0 = time.perf_counter()
+        # the ratio as the loss sees it (the KL / entropy terms do not change it)
+        ratio_metrics = MismatchMetrics(dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0))
+        sums: dict[str, float] = collections.defaultdict(float)
+        grad_norms, lrs = [], []
+        first_kl = None
+        for it in range(run.iterations):
+            for mb in plan:
+                batches = [self._micro(st, ids, extra, off) for ids, off in zip(mb.micro, mb.offsets)]
+                counts = (0, 0)
+                if self.is_last:
+                    masks = [
+                        effective_loss_mask(
+                            loss_cfg, b["loss_mask"], rollout_logp=b["rollout_logp"],
+                            old_logp=b["old_logp"], advantages=b["advantages"], ref_logp=b.get("ref_logp"),
+                        )
+                        for b in batches
+                    ]
+                    counts = global_loss_counts(masks, dp_group=self.dp_group)
+                mb_sums: dict[str, torch.Tensor] = {}
+
+                def loss_fn(lp, entropy, b, _counts=counts, _sums=mb_sums):
+                    loss, stats = compute_policy_loss(
+                        loss_cfg, lp, b["old_logp"], b["rollout_logp"], b["advantages"], b["loss_mask"],
+                        ref_logp=b.get("ref_logp"), entropy=entropy,
+                        global_token_count=_counts[0], global_seq_count=_counts[1],
+                    )
+                    mask = b["loss_mask"]
+                    den = b["rollout_logp"] if loss_cfg.denominator == "rollout" else b["old_logp"]
+                    kl = ((den - lp.detach()) * mask).sum() / max(_counts[0], 1)
+                    ratio_metrics.update(
+                        logp=lp.detach(), rollout_logp=b["rollout_logp"], mask=mask,
+                        old_logp=b["old_logp"], advantages=b["advantages"],
+                    )
+                    for k, v in (("actor/pg_loss", stats["policy/pg_loss"]), ("actor/ppo_kl", kl),
+                                 ("actor/loss", loss.detach())):
+                        _sums[k] = _sums.get(k, 0.0) + v.double()
+                    if "policy/kl_ref" in stats:
+                        _sums["actor/kl_loss"] = _sums.get("actor/kl_loss", 0.0) + stats["policy/kl_ref"].double()
+                    return loss, {}
+
+                ctx = None
+                if cfg.alp.enabled:
+                    key = step_key(cfg.alp)
+                    ctx = lambda b, _k=key, _s=self.opt_step: perturbed(  # noqa: E731
+                        key=_k, step=_s, sample_offset=b["sample_offset"]
+                    )
+                _, upd = self.policy.update(batches, loss_fn, forward_context=ctx)
+                self.opt_step += 1
+                grad_norms.append(upd["grad_norm"])
+                lrs.append(upd["lr"])
+                if self.is_last:
+                    keys = sorted(mb_sums)
+                    vec = torch.stack([torch.as_tensor(mb_sums[k], dtype=torch.float64) for k in keys]).to(platform.device()) if keys else None
+                    if vec is not None:
+                        dist.all_reduce(vec, group=self.dp_group)
+                        for k, v in zip(keys, vec.tolist()):
+                            sums[k] += v
+                        if first_kl is None:
+                            first_kl = vec[keys.index("actor/ppo_kl")].item()
+        n_updates = run.iterations * len(plan)
+        timing["update_actor"] = time.perf_counter() - t0
+        if self.is_last:
+            rm = ratio_metrics.compute(dp_group=self.dp_group, device=platform.device())
+            metrics.update({k: v for k, v in rm.items() if k.startswith(("is_ratio/", "policy/clip_frac"))})
+            for k in ("rollout_corr/is_weight_mean", "rollout_corr/is_weight_std", "rollout_corr/is_weight_min",
+                      "rollout_corr/is_weight_max", "rollout_corr/is_truncated_fraction",
+                      "rollout_corr/is_masked_fraction", "rollout_corr/is_seq_masked_fraction",
+                      "rollout_corr/is_veto_fraction"):
+                if k in rm:
+                    metrics[k] = rm[k]
+            for k, v in sums.items():
+                metrics[k] = v / n_updates
+            metrics["actor/ppo_kl_first_minibatch"] = first_kl if first_kl is not None else float("nan")
+        metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["actor/lr"] = lrs[-1]
+        metrics.update(alp_metrics(self.policy.model))
+
+        # --- weight sync
+        t0 = time.perf_counter()
+        self.step += 1
+        self.sync_weights()
+        timing["update_weights"] = time.perf_counter() - t0
+
+        owner = _metrics_owner()
+        metrics = _broadcast(metrics if self.rank == owner else None, src=owner) | {
+            k: v for k, v in metrics.items() if k.startswith("alp/") or k.startswith("actor/grad") or k == "actor/lr"
+        }
+        if self.rank == 0:
+            rewards = [s.reward for s in samples]
+            lens = [len(s.response_ids) for s in samples]
+            metrics["critic/score/mean"] = sum(rewards) / len(rewards)
+            metrics["critic/score/max"] = max(rewards)
+            metrics["critic/score/min"] = min(rewards)
+            metrics["critic/advantages/mean"] = sum(s.advantage for s in samples) / len(samples)
+            metrics["response_length/mean"] = sum(lens) / len(lens)
+            metrics["response_length/max"] = float(max(lens))
+            metrics["response_length/clip_ratio"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+            metrics["data/epoch"] = float(self.sampler.epoch)
+        timing["step"] = time.perf_counter() - t_step
+        metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        return metrics
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_set is None:
+            return {}
+        out: dict[str, float] = {}
+        if self.rank == 0:
+            from megatron_alp.rewards import get_reward
+
+            run = self.cfg.run
+            lagged = bool(self.cfg.run.generation_lag) and len(self.lagged) > 1
+            if lagged:  # evaluate the current policy, not the engine's lagged copy
+                self._load_engine(self.lagged[-1])
+            t0 = time.perf_counter()
+            n = run.eval_samples
+            rows = list(range(len(self.eval_set)))
+            samples = generate(
+                self.engine, self.tokenizer, self.eval_ids, rows, self.eval_set.answers,
+                self._sampling(n, 12345), get_reward(run.reward),
+            )
+            if lagged:
+                self._load_engine(self.lagged[0])
+            name = Path(self.eval_set.path).stem
+            correct = collections.Counter()
+            for s in samples:
+                correct[s.prompt_index] += s.reward >= 1.0
+            out[f"val/{name}/mean@{n}"] = sum(s.reward for s in samples) / len(samples)
+            k = 1
+            while k <= n:
+                out[f"val/{name}/pass@{k}"] = sum(pass_at_k(n, correct[r], k) for r in rows) / len(rows)
+                k *= 2
+            out["timing_s/eval"] = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict[str, Any]:
+        from megatron_alp.train.arguments import config_json
+
+        return {
+            "step": self.step,
+            "opt_step": self.opt_step,
+            "sampler": self.sampler.state_dict(),
+            "lagged_engine_weights": list(self.lagged) if self.cfg.run.generation_lag else None,
+            "wandb_id": self.wandb_id,
+            "config": config_json(self.cfg),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.opt_step = int(state["opt_step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.wandb_id = state.get("wandb_id")
+        lagged = state.get("lagged_engine_weights")
+        if lagged:
+            self.lagged = collections.deque(lagged)
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Run the RL loop for ``cfg`` (torch.distributed must be up); collective over all ranks."""
+    from megatron_alp.train.arguments import config_json
+
+    t_start = time.time()
+    stop = _ExitSignal(cfg.exit_signal_handler)
+    with parallel.model_parallel(cfg.parallel):
+        rank = dist.get_rank()
+        say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+        say(f"[train] building the policy ({cfg.loss_preset}, ALP {'on' if cfg.alp.enabled else 'off'}) ...")
+        tr = Trainer(cfg)
+        resumed = None
+        if cfg.save is not None and rank == 0:
+            removed = ckpt.clean_stale(cfg.save)
+            for p in removed:
+                say(f"[train] removed the temporary folder of an interrupted checkpoint: {p}")
+        if cfg.load is not None:
+            found = ckpt.find_checkpoint(cfg.load, required=False)
+            if found is not None:
+                folder, _ = found
+                state = ckpt.load_checkpoint(
+                    folder, tr.policy, finetune=cfg.finetune, load_optim=not cfg.no_load_optim,
+                    load_rng=not cfg.no_load_rng,
+                )
+                if state is not None:
+                    tr.restore(state)
+                    resumed = tr.step
+                say(f"[train] loaded {folder}" + (f" (resuming after step {tr.step})" if state else " (weights only)"))
+        tr.start_engine()
+        logger = RunLogger(cfg, active=rank == 0, resume_step=tr.step, wandb_id=tr.wandb_id)
+        tr.wandb_id = logger.wandb_id
+        if rank == 0:
+            Path(cfg.run.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.run.run_dir) / "config.json").write_text(config_json(cfg) + "\n")
+        # The engine starts from the policy's weights (before the first rollout too); on
+        # resume under lag it gets the checkpoint's lagged copy.
+        if tr.lagged and rank == 0:
+            tr._load_engine(tr.lagged[0])
+            dist.barrier()
+        else:
+            if tr.lagged:
+                dist.barrier()
+            else:
+                tr.sync_weights()
+        last_saved = tr.step if resumed is not None else None
+        exit_reason = "done"
+        while tr.step < cfg.train_iters:
+            metrics = tr.train_step()
+            if (cfg.run.eval_interval and tr.step % cfg.run.eval_interval == 0) or tr.step == cfg.train_iters:
+                metrics.update(tr.evaluate())
+            logger.log(tr.step, metrics)
+            logger.say(progress_line(tr.step, cfg.train_iters, metrics))
+            if cfg.save is not None and cfg.save_interval and tr.step % cfg.save_interval == 0:
+                ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state())
+                last_saved = tr.step
+                logger.say(f"[train] saved {ckpt.iter_dir(cfg.save, tr.step)}")
+            if _agree(stop.received):
+                exit_reason = "signal"
+                break
+            if cfg.exit_interval and tr.step % cfg.exit_interval == 0:
+                exit_reason = "exit-interval"
+                break
+            if cfg.exit_duration_in_mins and _agree((time.time() - t_start) / 60 > cfg.exit_duration_in_mins):
+                exit_reason = "exit-duration"
+                break
+        if cfg.save is not None and last_saved != tr.step:
+            ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state())
+            logger.say(f"[train] saved {ckpt.iter_dir(cfg.save, tr.step)}")
+        if exit_reason != "done":
+            logger.say(f"[train] stopped after step {tr.step} ({exit_reason}); resume with --load {cfg.save}")
+        logger.say(summary_table(logger.history, time.time() - t_start))
+        history = list(logger.history)
+        logger.close()
+        if rank == 0 and tr.engine is not None:
+            tr.engine.close()
+        return {"history": history, "exit_reason": exit_reason, "step": tr.step}
