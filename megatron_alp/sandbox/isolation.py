@@ -294,7 +294,9 @@ class Isolation:
             if "--size" in feats:
                 argv += ["--size", str(limits.workdir_mb * _MiB)]
             argv += ["--tmpfs", mnt]
-        argv += ["--file", str(code_fd), "/work/main.py", "--chdir", "/work"]
+        argv += ["--file", str(code_fd), "/work/main.py"]
+        # bwrap's root is a tmpfs without a size limit: read-only once the tree is built.
+        argv += ["--remount-ro", "/", "--chdir", "/work"]
         env = {"HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
         if py_path:
