@@ -37,6 +37,8 @@ __all__ = ["SandboxServer", "main"]
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: "_HTTPServer"
     server_version = "megatron-alp-sandbox/1"
+    # A client that stalls mid-request must not hold a handler thread forever.
+    timeout = 60
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
         if self.server.owner.verbose:
