@@ -275,3 +275,33 @@ def test_with_the_real_sandbox(tok):
     for t in trajs:
         assert "Code execution result: 42" in t.response_text
         assert t.finish_reason == "answer" and t.tool_calls == 1 and t.tool_errors == 0
+
+
+def test_local_engine_continuation_logprobs_align(tok):
+    """With the real LocalEngine: each rollout log-prob is the model's log-prob of that
+    response token given the whole trajectory before it (observations included)."""
+    from megatron_alp.models.tiny import tiny_hf_config
+    from megatron_alp.rollout import LocalEngine
+
+    torch.manual_seed(0)
+    cfg_hf = tiny_hf_config("qwen2", vocab_size=len(tok), max_position_embeddings=512)
+    engine = LocalEngine(cfg_hf, dtype="float32", eos_token_id=tok.eos_token_id)
+    # Random weights never write code or answers: every turn is void; unmasked, the
+    # trajectory goes on after a newline observation, so continuation is exercised.
+    cfg = MultiTurnConfig(max_turns=3, mask_void_turns=False, observation_format="inline")
+    sp = SamplingParams(max_new_tokens=6, n=2, seed=3)
+    trajs = run_multiturn(engine, [PROMPT, [1, 9]], sp, tok, FakeSandbox(Res()), cfg)
+    nl = tok.encode("\n", add_special_tokens=False)
+    for t in trajs:
+        assert t.turns == 3 and t.void_turns == 3 and t.finish_reason == "max_turns"
+        assert sum(1 for m in t.loss_mask if m == 0) == 3 * len(nl)
+        full = torch.tensor([t.prompt_ids + t.response_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
+        P = len(t.prompt_ids)
+        for k, (tokid, m) in enumerate(zip(t.response_ids, t.loss_mask)):
+            if m:
+                want = logp[P + k - 1, tokid].item()
+                assert abs(t.rollout_logprobs[k] - want) < 1e-4, (k, t.rollout_logprobs[k], want)
+            else:
+                assert t.rollout_logprobs[k] == 0.0
