@@ -1,11 +1,12 @@
 """One run of untrusted Python under bubblewrap: the core the pool and the service share.
 
 Isolation is bubblewrap's (``bwrap``), not ours: the program runs in fresh user, PID, IPC,
-network, UTS and cgroup namespaces (no network interface but a downed loopback), with a
+network, UTS and cgroup namespaces (no network interface but a private loopback), with a
 mount namespace that holds only read-only binds of the system (``/usr`` and its ``/bin``,
-``/lib*`` links) and of the Python installation, a fresh ``/proc`` and minimal ``/dev``,
-and two private size-limited tmpfs: ``/work`` (the working directory, holding the program
-as ``main.py``) and ``/tmp``. No ``/etc``, no ``/home``, no project tree; the environment
+``/lib*`` links) and of the Python installation, a fresh ``/proc``, a minimal read-only
+``/dev``, and three private size-limited tmpfs: ``/work`` (the working directory, holding
+the program as ``main.py``), ``/tmp`` and ``/dev/shm``; the root itself is read-only.
+No ``/etc``, no ``/home``, no project tree; the environment
 is cleared (``--clearenv``) and rebuilt from a fixed list. ``--die-with-parent``,
 ``--new-session`` (no terminal injection) and ``--disable-userns`` (no nested user
 namespaces) are on.
@@ -290,13 +291,15 @@ class Isolation:
             argv += ["--ro-bind", os.path.realpath(d), dest]
             py_path.append(dest)
         argv += ["--proc", "/proc", "--dev", "/dev"]
-        for mnt in ("/tmp", "/work"):
+        # /dev is a tmpfs without a size limit: read-only below (device nodes stay usable),
+        # with a size-limited /dev/shm for POSIX shared memory (multiprocessing needs it).
+        for mnt in ("/tmp", "/work", "/dev/shm"):
             if "--size" in feats:
                 argv += ["--size", str(limits.workdir_mb * _MiB)]
             argv += ["--tmpfs", mnt]
         argv += ["--file", str(code_fd), "/work/main.py"]
         # bwrap's root is a tmpfs without a size limit: read-only once the tree is built.
-        argv += ["--remount-ro", "/", "--chdir", "/work"]
+        argv += ["--remount-ro", "/", "--remount-ro", "/dev", "--chdir", "/work"]
         env = {"HOME": "/work", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
         if py_path:

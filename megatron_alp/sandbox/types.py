@@ -32,7 +32,8 @@ class SandboxLimits:
     max_file_mb: int = 16
     """Largest file the code may write (RLIMIT_FSIZE), MiB."""
     workdir_mb: int = 64
-    """Size of each private tmpfs (the working directory ``/work`` and ``/tmp``), MiB."""
+    """Size of each private tmpfs (the working directory ``/work``, ``/tmp`` and
+    ``/dev/shm``), MiB."""
     max_open_files: int = 256
     """Open file descriptors per process (RLIMIT_NOFILE)."""
     max_output_bytes: int = 64 * 1024

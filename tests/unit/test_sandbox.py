@@ -114,7 +114,7 @@ def test_no_writes_outside_workdir(pool, tmp_path):
     victim = tmp_path / "victim.txt"
     code = (
         "import os\nres = []\n"
-        f"for p in ['/usr/evil', '/evil', '/bin/evil', '/proc/evil', {str(victim)!r}]:\n"
+        f"for p in ['/usr/evil', '/evil', '/bin/evil', '/proc/evil', '/dev/evil', {str(victim)!r}]:\n"
         "    try:\n        open(p, 'w').write('x')\n        res.append('WROTE ' + p)\n"
         "    except OSError as e:\n        res.append(type(e).__name__)\n"
         "print(res)\n"
@@ -122,7 +122,7 @@ def test_no_writes_outside_workdir(pool, tmp_path):
     res = pool.run(code)
     assert res.exit_code == 0, res
     assert not victim.exists()
-    for path in ("/usr/evil", "/evil", "/bin/evil", "/proc/evil"):
+    for path in ("/usr/evil", "/evil", "/bin/evil", "/proc/evil", "/dev/evil"):
         assert f"WROTE {path}" not in res.stdout, res.stdout
     assert not os.path.exists("/usr/evil") and not os.path.exists("/evil")
 
@@ -251,12 +251,13 @@ def test_limits_validation_names_the_field():
     assert capped.timeout_s == LIMITS.timeout_s and capped.memory_mb == 64
 
 
-def test_workdir_is_size_limited(pool):
+@pytest.mark.parametrize("where", ["/work", "/tmp", "/dev/shm"])
+def test_writable_dirs_are_size_limited(pool, where):
     code = (
         "import errno\nn = 0\n"
         "try:\n"
         "    for i in range(20):\n"
-        "        open(f'f{i}', 'wb').write(b'x' * (3 << 20))\n"
+        f"        open(f'{where}/f{{i}}', 'wb').write(b'x' * (3 << 20))\n"
         "        n += 1\n"
         "except OSError as e:\n"
         "    print('full', errno.errorcode[e.errno], n)\n"
