@@ -143,7 +143,11 @@ class SandboxServer:
         self._thread: threading.Thread | None = None
         self.stopped = threading.Event()
         """Set once :meth:`shutdown` has finished."""
-        self.httpd = _HTTPServer((host, port), self)
+        try:
+            self.httpd = _HTTPServer((host, port), self)
+        except OSError:
+            self.pool.close()  # release the slot uids
+            raise
 
     @property
     def url(self) -> str:

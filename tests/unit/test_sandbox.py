@@ -266,3 +266,33 @@ def test_writable_dirs_are_size_limited(pool, where):
     assert res.exit_code == 0, res
     word, err, n = res.stdout.split()
     assert (word, err) == ("full", "ENOSPC") and int(n) * 3 <= LIMITS.workdir_mb
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to become an unprivileged user), setpriv, /usr/bin/python3")
+def test_unprivileged_caller():
+    """Without root the pool keeps the caller's uid; isolation and limits still hold."""
+    import json
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = (
+        "import json\n"
+        "from megatron_alp.sandbox import SandboxPool, SandboxLimits\n"
+        "with SandboxPool(max_concurrency=1, limits=SandboxLimits(timeout_s=5)) as p:\n"
+        "    a = p.run('import os; print(os.getuid(), sorted(os.listdir(\"/\")))')\n"
+        "    b = p.run('x = bytearray(10 * 2**30)')\n"
+        "    print(json.dumps([p.isolation.as_root, a.stdout, b.killed_by]))\n"
+    )
+    res = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         "/usr/bin/python3", "-c", script],
+        capture_output=True, text=True, timeout=120, cwd="/", env={"PYTHONPATH": repo},
+    )
+    if "No module named" in res.stderr or "SyntaxError" in res.stderr:
+        pytest.skip(f"system python cannot import the package: {res.stderr[-200:]}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    as_root, listing, killed_by = json.loads(res.stdout.splitlines()[-1])
+    assert as_root is False and listing.startswith("65534 ") and "'work'" in listing
+    assert killed_by == "memory"
