@@ -237,6 +237,17 @@ class Isolation:
         return find_bwrap(self.bwrap)
 
     @functools.cached_property
+    def _util_linux(self) -> dict[str, str]:
+        tools = {name: shutil.which(name) for name in ("prlimit", "unshare")}
+        missing = sorted(k for k, v in tools.items() if v is None)
+        if missing:
+            raise SandboxUnavailable(
+                f"{', '.join(missing)} not found on PATH; install util-linux "
+                "('apt-get install util-linux'); the sandbox sets its limits with them"
+            )
+        return tools  # type: ignore[return-value]
+
+    @functools.cached_property
     def _python(self) -> str:
         py = self.python or default_python(self.as_root)
         if not os.path.exists(py):
@@ -258,10 +269,10 @@ class Isolation:
             # As root: a PID namespace of our own whose init (bwrap, after the uid drop)
             # reaps everything beneath it when it exits, so no zombie of the slot uid waits
             # for the host's init (it would count against the next run's RLIMIT_NPROC).
-            argv += [shutil.which("unshare") or "/usr/bin/unshare", "--pid", "--kill-child",
+            argv += [self._util_linux["unshare"], "--pid", "--kill-child",
                      f"--setuid={uid}", f"--setgid={uid}", "--"]
         argv += [
-            shutil.which("prlimit") or "/usr/bin/prlimit",
+            self._util_linux["prlimit"],
             f"--as={limits.memory_mb * _MiB}",
             f"--cpu={cpu}:{cpu + 1}",
             f"--nproc={nproc}",

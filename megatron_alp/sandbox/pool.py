@@ -89,7 +89,11 @@ class SandboxPool:
             max_workers=max_concurrency, thread_name_prefix="sandbox"
         )
         self._lock = threading.Lock()
-        self.check()
+        try:
+            self.check()
+        except BaseException:
+            self.close()  # release the uids and threads before refusing
+            raise
 
     def check(self) -> None:
         """Raise ``SandboxUnavailable`` unless an isolated run works right now."""
