@@ -296,3 +296,19 @@ def test_unprivileged_caller():
     as_root, listing, killed_by = json.loads(res.stdout.splitlines()[-1])
     assert as_root is False and listing.startswith("65534 ") and "'work'" in listing
     assert killed_by == "memory"
+
+
+def test_site_dirs_offer_packages_read_only():
+    """Extra package directories are importable and read-only."""
+    # pure Python and small: imports from source under any sandbox interpreter version
+    packaging = pytest.importorskip("packaging")
+    site = os.path.dirname(os.path.dirname(packaging.__file__))
+    with SandboxPool(max_concurrency=1, limits=LIMITS, site_dirs=[site]) as p:
+        res = p.run("import os\nfrom packaging.version import Version\n"
+                    "print(Version('1.2') < Version('1.10'))\n"
+                    "import packaging\n"
+                    "open(os.path.join(os.path.dirname(packaging.__file__), 'x'), 'w')\n")
+    assert res.stdout == "True\n", res
+    assert "Read-only file system" in res.stderr
+    with pytest.raises(ValueError, match="site_dirs entry '/nonexistent' is not a directory"):
+        SandboxPool(max_concurrency=1, site_dirs=["/nonexistent"])
