@@ -98,8 +98,8 @@ def test_hostile_code_does_not_stop_the_service(server):
         benign = c.run("print(2 + 2)")
         assert time.monotonic() - t < 2.0 and benign.stdout == "4\n"
         results = [f.result() for f in futures]
-    assert [r.killed_by for r in results][:3] in (
-        ["cpu", "timeout", "memory"], ["timeout", "timeout", "memory"], ["cpu", "cpu", "memory"])
+    assert results[0].killed_by in ("cpu", "timeout") and results[1].killed_by in ("cpu", "timeout")
+    assert results[2].killed_by == "memory"
     assert results[3].stdout_truncated and results[4].timed_out
 
 
