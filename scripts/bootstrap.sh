@@ -46,9 +46,30 @@ MSG
     return 1
 }
 
+ensure_bubblewrap() {
+    # The code sandbox (megatron_alp.sandbox) isolates untrusted programs with bubblewrap.
+    # Install it where we can (root + apt-get); otherwise say what to install. Never fatal:
+    # training without multi-turn tool use does not need it, and the sandbox itself refuses
+    # to run code without it.
+    command -v bwrap >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[bootstrap] installing bubblewrap (code sandbox isolation)" >&2
+        if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } >/dev/null 2>&1; then
+            return 0
+        fi
+        echo "[bootstrap] warning: 'apt-get install bubblewrap' failed; the code sandbox will refuse to run" >&2
+    else
+        echo "[bootstrap] note: bubblewrap (bwrap) is not installed; the code sandbox needs it" \
+             "(Debian/Ubuntu: sudo apt-get install bubblewrap; Fedora: sudo dnf install bubblewrap)" >&2
+    fi
+    return 0
+}
+
 stamp_of() {
     { cat "$repo/pyproject.toml"; echo "extras=$extras"; } | sha256sum | cut -d' ' -f1
 }
+
+ensure_bubblewrap || true
 
 stamp_file=$venv/.megatron-alp-stamp
 want=$(stamp_of)

@@ -1,4 +1,5 @@
-"""Rollout engines: the protocol, the embedded ``local`` engine and the ``vllm`` fleet."""
+"""Rollout engines (the protocol, the embedded ``local`` engine, the ``vllm`` fleet) and
+multi-turn tool-use rollouts over any of them."""
 
 from megatron_alp.rollout import local, vllm_engine  # noqa: F401  (register engines)
 from megatron_alp.rollout.base import (
@@ -10,13 +11,23 @@ from megatron_alp.rollout.base import (
     register_engine,
 )
 from megatron_alp.rollout.local import LocalEngine
+from megatron_alp.rollout.multiturn import (
+    MultiTurnConfig,
+    Trajectory,
+    multiturn_metrics,
+    run_multiturn,
+)
 
 __all__ = [
     "Completion",
     "LocalEngine",
+    "MultiTurnConfig",
     "RolloutEngine",
     "SamplingParams",
+    "Trajectory",
     "available_engines",
     "create_engine",
+    "multiturn_metrics",
     "register_engine",
+    "run_multiturn",
 ]
