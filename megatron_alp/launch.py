@@ -18,10 +18,12 @@ does not take the rest of a module down.
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import queue
 import socket
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -42,6 +44,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_with_parent() -> None:
+    # Ranks are not daemonic (a daemonic process may not start children, and
+    # megatron's dist_checkpointing save starts a multiprocessing Manager), so they watch
+    # their parent instead: when it is gone (kill -9 included) the rank exits.
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -50,6 +67,7 @@ def _worker(
     tasks: mp.Queue,
     results: mp.Queue,
 ) -> None:
+    _exit_with_parent()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -124,13 +142,15 @@ class RankGroup:
             self._ctx.Process(
                 target=_worker,
                 args=(r, self.world_size, port, threads, self._tasks[r], self._results),
-                daemon=True,
+                daemon=False,
                 name=f"rank{r}",
             )
             for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
+        # Non-daemonic ranks would be joined (forever) at interpreter exit: kill first.
+        atexit.register(self.kill)
         self._collect("ready", self.start_timeout_s, what="start-up")
 
     def close(self) -> None:

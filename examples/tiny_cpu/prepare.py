@@ -151,7 +151,10 @@ def warm_up(model, tokenizer, rows, *, p_correct: float, lr: float, max_steps: i
     return steps, p_mean, modal
 
 
-def build(out: Path, *, seed: int, target: float, layers: int, hidden: int) -> dict:
+def build(
+    out: Path, *, seed: int, target: float, layers: int, hidden: int, warmup_max_steps: int = 3000
+) -> dict:
+    """Write the assets into ``out`` (an existing folder); ``warmup_max_steps`` caps the warm-up."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -177,7 +180,9 @@ def build(out: Path, *, seed: int, target: float, layers: int, hidden: int) -> d
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).float().eval()
-    steps, p, modal = warm_up(model, tokenizer, train, p_correct=target, lr=3e-3, max_steps=3000, seed=seed)
+    steps, p, modal = warm_up(
+        model, tokenizer, train, p_correct=target, lr=3e-3, max_steps=warmup_max_steps, seed=seed
+    )
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):

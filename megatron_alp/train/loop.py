@@ -353,6 +353,11 @@ class Trainer:
             metrics["response_length/max"] = float(max(lens))
             metrics["response_length/clip_ratio"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
             metrics["data/epoch"] = float(self.sampler.epoch)
+            # identifies the sampled tokens (layout-invariance and resume checks)
+            metrics["rollout/checksum"] = float(sum(
+                (k + 1) * sum((j + 1) * (t + 1) for j, t in enumerate(s.response_ids))
+                for k, s in enumerate(samples)
+            ) % 1_000_000_007)
         timing["step"] = time.perf_counter() - t_step
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         return metrics

@@ -1,0 +1,214 @@
+"""The RL trainer end to end on gloo ranks: presets, parity, layout invariance, checkpoints.
+
+One group of 4 ranks runs many short trainer runs in-process (``loop.run``); resume
+after kill -9 and the command line's exit codes run the real CLI in subprocesses.
+Oracles: the rollout engine's own fp32 log-probs (parity), a TP=1 run (layouts), an
+uninterrupted run (resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_alp.launch import RankGroup
+from tests.e2e.train_bodies import base_argv, build_assets, train_body
+
+PRESETS = [
+    "grpo", "gspo", "seq-bypass", "token-tis", "seq-tis", "token-mis", "seq-mis",
+    "token-alp", "seq-alp", "cum-token-alp",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.fixture(scope="module")
+def group():
+    with RankGroup(4, timeout_s=600) as g:
+        yield g
+
+
+def _run(group, argv, world_size=4):
+    return group.run(train_body, argv, world_size)[0]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------ every preset
+@pytest.mark.parametrize(
+    "name,extra",
+    [(p, ()) for p in PRESETS]
+    + [
+        ("seq-alp-layer-range", ("--rl-loss", "seq-alp", "--alp-layer-start", "1", "--alp-layer-end", "2")),
+        ("token-alp-logits", ("--rl-loss", "token-alp", "--alp-placement", "logits")),
+    ],
+)
+def test_every_preset_runs_three_steps_and_checkpoints(group, assets, tmp_path, name, extra):
+    extra = tuple(extra) or ("--rl-loss", name)
+    save = tmp_path / "ckpt"
+    out = _run(group, base_argv(
+        assets, tmp_path / "run", "--tensor-model-parallel-size", "2", "--train-iters", "3",
+        "--save", str(save), "--save-interval", "3", "--config", name.split("-layer")[0].replace("-logits", ""),
+        *extra,
+    ))
+    hist = out["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    for h in hist:
+        assert math.isfinite(h["actor/pg_loss"]) and math.isfinite(h["actor/grad_norm"])
+        assert "rollout_corr/kl" in h and "is_ratio/q999" in h
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (save / "iter_0000003" / ".metadata").is_file()
+    if "alp" in name:
+        sig = [k for k in hist[-1] if k.startswith("alp/sigma/layer_")]
+        expect = 1 if ("layer-range" in name or "logits" in name) else 2
+        assert len(sig) == expect, sig
+
+
+# ------------------------------------------------------------------------ parity
+def test_fp32_rollouts_match_trainer_logprobs_tp2_pp2(group, assets, tmp_path):
+    """ALP off, fp32 engine: trainer and engine log-probs agree at step 1 and after 5 updates."""
+    out = _run(group, base_argv(
+        assets, tmp_path / "run", "--rl-loss", "grpo", "--rl-rollout-dtype", "fp32",
+        "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+        "--train-iters", "6",
+    ))
+    hist = out["history"]
+    for h in (hist[0], hist[5]):
+        assert h["rollout_corr/abs_logp_diff_max"] <= 1e-4, h["rollout_corr/abs_logp_diff_max"]
+        assert abs(h["actor/ppo_kl_first_minibatch"]) <= 1e-5
+    # and the policy did move between the two checks
+    assert hist[5]["rollout/checksum"] != hist[0]["rollout/checksum"]
+
+
+# ------------------------------------------------------------------------ layouts
+def test_whole_step_is_layout_invariant(group, assets, tmp_path):
+    """Same seed: TP1 (DP4), TP2 (DP2), PP2 (DP2), TP2xPP2: same rollouts, rewards, losses."""
+    layouts = {
+        "tp1_dp4": (),
+        "tp2_dp2": ("--tensor-model-parallel-size", "2"),
+        "pp2_dp2": ("--pipeline-model-parallel-size", "2"),
+        "tp2_pp2": ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"),
+    }
+    runs = {}
+    for name, flags in layouts.items():
+        out = _run(group, base_argv(
+            assets, tmp_path / name, "--rl-loss", "token-alp", "--alp-init-std", "0.01",
+            "--rl-rollout-dtype", "fp32", "--train-iters", "3", *flags,
+        ))
+        runs[name] = out["history"]
+    ref = runs["tp1_dp4"]
+    assert any(h["critic/score/mean"] > 0 for h in ref), "no reward at all: the test would be vacuous"
+    for name, hist in runs.items():
+        for a, b in zip(ref, hist):
+            assert a["rollout/checksum"] == b["rollout/checksum"], (name, a["step"])
+            assert a["critic/score/mean"] == b["critic/score/mean"], (name, a["step"])
+            for k in ("actor/pg_loss", "actor/loss", "actor/ppo_kl"):
+                assert abs(a[k] - b[k]) <= 1e-5, (name, a["step"], k, a[k], b[k])
+
+
+# ------------------------------------------------------------------------ epochs, stale tmp
+def test_resume_at_epoch_boundary_continues(group, assets, tmp_path):
+    save = tmp_path / "ckpt"
+    small = ["--rl-prompt-data", str(assets / "small.jsonl")]  # 16 prompts: an epoch is 2 steps
+    common = ["--rl-loss", "token-alp", "--tensor-model-parallel-size", "2", "--save", str(save),
+              "--save-interval", "2", *small]
+    first = _run(group, base_argv(assets, tmp_path / "run", "--train-iters", "2", *common))
+    assert [h["step"] for h in first["history"]] == [1, 2]
+    # a checkpoint write killed half-way: a temporary folder with our marker and no rename
+    stale = save / ".tmp-iter_0000004-deadbeef"
+    stale.mkdir()
+    (stale / ".megatron-alp-checkpoint").write_text("partial\n")
+    second = _run(group, base_argv(assets, tmp_path / "run", "--train-iters", "4", "--load", str(save), *common))
+    assert [h["step"] for h in second["history"]] == [1, 2, 3, 4]
+    assert second["history"][-1]["data/epoch"] == 2.0
+    assert not stale.exists()
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+# ------------------------------------------------------------------------ kill -9 and resume (CLI)
+def _cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "megatron_alp.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_kill9_then_resume_equals_uninterrupted_run(assets, tmp_path):
+    """ALP noise and --rl-generation-lag 2: the resumed run continues exactly."""
+    common = ["--rl-loss", "token-alp", "--alp-init-std", "0.01", "--rl-generation-lag", "2",
+              "--tensor-model-parallel-size", "2", "--train-iters", "6", "--save-interval", "2",
+              "--nproc", "2"]
+    full = _cli(base_argv(assets, tmp_path / "full", "--save", str(tmp_path / "full_ckpt"), *common))
+    full_out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, full_out[-3000:]
+    ref = {h["step"]: h for h in _metrics(tmp_path / "full")}
+
+    save = tmp_path / "ckpt"
+    victim = _cli(base_argv(assets, tmp_path / "run", "--save", str(save), *common))
+    deadline = time.monotonic() + 600
+    while not (save / "iter_0000004").exists():
+        assert victim.poll() is None, victim.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+    resumed = _cli(base_argv(assets, tmp_path / "run", "--save", str(save), "--load", str(save), *common))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming after step 4" in out
+    got = {h["step"]: h for h in _metrics(tmp_path / "run")}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert got[step]["rollout/checksum"] == ref[step]["rollout/checksum"]
+        assert got[step]["critic/score/mean"] == ref[step]["critic/score/mean"]
+        for k in ("actor/pg_loss", "actor/loss", "alp/sigma_mean"):
+            assert abs(got[step][k] - ref[step][k]) <= 1e-6, (step, k, got[step][k], ref[step][k])
+
+
+# ------------------------------------------------------------------------ bad configuration
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (("--rl-loss", "nope"), "valid names"),
+        (("--rl-loss", "token-alp", "--no-alp"), "contradicts --rl-loss token-alp"),
+        (("--rl-loss", "grpo", "--alp"), "contradicts --rl-loss grpo"),
+        (("--global-batch-size", "12"), "must be a multiple of --global-batch-size=12"),
+        (("--micro-batch-size", "3"), "must be a multiple of --micro-batch-size"),
+        (("--tensor-model-parallel-size", "3", "--nproc", "3"), "not divisible by tensor_model_parallel_size=3"),
+        (("--rl-prompt-data", "/nonexistent/p.jsonl"), "/nonexistent/p.jsonl"),
+        (("--load", "/nonexistent/ckpt"), "--load /nonexistent/ckpt: no checkpoint"),
+        (("--rl-default-top-p", "0.9"), "truncated sampling is refused"),
+        (("--alp-init-std", "-1", "--rl-loss", "token-alp"), "ALPConfig.init_std=-1.0"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(assets, tmp_path, extra, needle):
+    from megatron_alp.train.arguments import parse_args
+
+    argv = base_argv(assets, tmp_path / "run", "--train-iters", "2", *extra)
+    with pytest.raises(ValueError) as e:
+        parse_args(argv, world_size=None)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_bad_configuration_exits_2_before_ranks_start(assets, tmp_path):
+    p = _cli(base_argv(assets, tmp_path / "run", "--train-iters", "2", "--hf-model", str(tmp_path / "missing")))
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2
+    assert f"--hf-model {tmp_path / 'missing'}: no config.json" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "run" / "logs").exists()  # no rank was started

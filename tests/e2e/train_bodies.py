@@ -1,0 +1,60 @@
+"""Rank bodies and fixtures for the trainer tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prepare_module():
+    """``examples/tiny_cpu/prepare.py`` as a module (the example's own asset builder)."""
+    spec = importlib.util.spec_from_file_location("tiny_cpu_prepare", REPO / "examples/tiny_cpu/prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def build_assets(out: Path) -> Path:
+    """A tiny Qwen2 (2 layers, hidden 32) with the example's tokenizer and task, briefly warmed up."""
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_module().build(out, seed=0, target=0.3, layers=2, hidden=32, warmup_max_steps=60)
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    (out / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    return out
+
+
+def base_argv(assets: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Common trainer flags for the tests: 8 prompts x 4 samples, 2 mini-batches per step."""
+    return [
+        "--hf-model", str(assets / "model"),
+        "--rl-prompt-data", str(assets / "train.jsonl"),
+        "--rl-reward", "exact-match",
+        "--micro-batch-size", "4",
+        "--global-batch-size", "16",
+        "--grpo-prompts-per-step", "8",
+        "--grpo-group-size", "4",
+        "--grpo-iterations", "1",
+        "--lr", "1e-3",
+        "--lr-decay-style", "constant",
+        "--rl-max-new-tokens", "6",
+        "--rl-max-prompt-length", "24",
+        "--rl-run-dir", str(run_dir),
+        "--seed", "7",
+        *extra,
+    ]
+
+
+def train_body(argv: list[str], world_size: int) -> Any:
+    """Parse and run on every rank; rank 0 returns the run's history (metrics per step)."""
+    import torch.distributed as dist
+
+    from megatron_alp.train.arguments import parse_args
+    from megatron_alp.train.loop import run
+
+    cfg = parse_args(argv, world_size=world_size)
+    out = run(cfg)
+    return out if dist.get_rank() == 0 else None
