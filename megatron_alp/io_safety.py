@@ -335,12 +335,14 @@ def describe_os_error(e: BaseException, where: Path) -> str | None:
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in (_DISK_ERRNOS | _ACCESS_ERRNOS):
             what = (_DISK_ERRNOS | _ACCESS_ERRNOS)[x.errno]
-            return f"{what} while writing {x.filename or where}"
+            return f"{what} while writing {where}"
         stack += [x.__cause__, x.__context__]
-        # torch.distributed.checkpoint's CheckpointException keeps {rank: exception}
+        # torch.distributed.checkpoint's CheckpointException keeps {rank: (exception, trace)}
         failures = getattr(x, "failures", None)
         if isinstance(failures, dict):
-            stack += [v for v in failures.values() if isinstance(v, BaseException)]
+            for v in failures.values():
+                stack += [v] if isinstance(v, BaseException) else [
+                    a for a in (v if isinstance(v, tuple) else ()) if isinstance(a, BaseException)]
         stack += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
     return None
 
@@ -417,7 +419,7 @@ def atomic_output_dir(
         if isinstance(e, (OutputError, KeyboardInterrupt, SystemExit)):
             raise
         reason = describe_os_error(e, path)
-        if reason is None and low is not None and low < _LOW_SPACE and isinstance(e, (OSError, AssertionError, RuntimeError)):
+        if reason is None and low is not None and low < _LOW_SPACE:
             reason = f"no space left on device while writing {path} ({human_bytes(low)} free)"
         if reason is not None:
             raise OutputError(f"{reason}; nothing was written to {path}") from e

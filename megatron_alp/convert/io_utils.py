@@ -95,6 +95,7 @@ def load_hf_config(folder: str | os.PathLike, *, flag: str = "config") -> Any:
     check_hf_folder(folder, flag=flag)
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"transformers rejects {folder / 'config.json'}: {first}") from None
+    except Exception as e:  # transformers / huggingface_hub raise many kinds
+        text = " ".join(str(e).split()) or type(e).__name__
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise ValueError(f"transformers rejects {folder / 'config.json'}: {text}") from None
