@@ -58,6 +58,7 @@ __all__ = [
     "human_bytes",
     "install_signal_cleanup",
     "remove_stale",
+    "wrapped_interrupt",
 ]
 
 MARKER = ".megatron_alp_output.json"
@@ -323,27 +324,39 @@ def remove_stale(path: str | os.PathLike, *, say: Callable[[str], None] | None =
 # Errors
 
 
-def describe_os_error(e: BaseException, where: Path) -> str | None:
-    """A one-line reason if ``e`` (or an exception it wraps) is a disk-full, quota,
-    read-only or permission error; None otherwise."""
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception it wraps: causes, contexts, and the per-rank failures of
+    torch.distributed.checkpoint's CheckpointException (``{rank: (exception, trace)}``)."""
     seen: set[int] = set()
-    stack = [e]
+    stack: list = [e]
     while stack:
         x = stack.pop()
-        if x is None or id(x) in seen:
+        if not isinstance(x, BaseException) or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, OSError) and x.errno in (_DISK_ERRNOS | _ACCESS_ERRNOS):
-            what = (_DISK_ERRNOS | _ACCESS_ERRNOS)[x.errno]
-            return f"{what} while writing {where}"
-        stack += [x.__cause__, x.__context__]
-        # torch.distributed.checkpoint's CheckpointException keeps {rank: (exception, trace)}
+        yield x
+        stack += [x.__cause__, x.__context__, *getattr(x, "args", ())]
         failures = getattr(x, "failures", None)
         if isinstance(failures, dict):
             for v in failures.values():
-                stack += [v] if isinstance(v, BaseException) else [
-                    a for a in (v if isinstance(v, tuple) else ()) if isinstance(a, BaseException)]
-        stack += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+                stack += list(v) if isinstance(v, tuple) else [v]
+
+
+def describe_os_error(e: BaseException, where: Path) -> str | None:
+    """A one-line reason if ``e`` (or an exception it wraps) is a disk-full, quota,
+    read-only or permission error; None otherwise."""
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (_DISK_ERRNOS | _ACCESS_ERRNOS):
+            return f"{(_DISK_ERRNOS | _ACCESS_ERRNOS)[x.errno]} while writing {where}"
+    return None
+
+
+def wrapped_interrupt(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM inside ``e``, if a library wrapped it in its own exception
+    (torch.distributed.checkpoint does), so it can be re-raised as itself."""
+    for x in _chain(e):
+        if isinstance(x, KeyboardInterrupt):
+            return x
     return None
 
 
@@ -418,6 +431,9 @@ def atomic_output_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OutputError, KeyboardInterrupt, SystemExit)):
             raise
+        interrupt = wrapped_interrupt(e)
+        if interrupt is not None:
+            raise interrupt from None
         reason = describe_os_error(e, path)
         if reason is None and low is not None and low < _LOW_SPACE:
             reason = f"no space left on device while writing {path} ({human_bytes(low)} free)"
