@@ -17,6 +17,7 @@ __all__ = [
     "MEGATRON_METADATA",
     "PROVENANCE_FILE",
     "check_dist_checkpoint_files",
+    "check_gguf_file",
     "check_hf_folder",
     "check_same_model",
     "find_hf_assets",
@@ -165,3 +166,15 @@ def check_same_model(a: Path, b: Path, *, a_flag: str, b_what: str) -> None:
                 f"{field} = {va!r} in {a_flag} {a / 'config.json'}, but {vb!r} in {b_what} "
                 f"{b / 'config.json'}: they describe different models"
             )
+
+
+def check_gguf_file(path: str | os.PathLike, *, flag: str = "--gguf") -> Path:
+    """A GGUF file: exists, is a file, starts with the ``GGUF`` magic."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{flag} {p} does not exist or is not a file (expected a .gguf file)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{flag} {p} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    return p
