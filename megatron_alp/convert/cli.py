@@ -28,6 +28,7 @@ __all__ = [
     "run_cli",
 ]
 
+_QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL", "TQDM_DISABLE")
 _DTYPE_NAMES = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16",
                 "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 
@@ -89,6 +90,11 @@ def run_cli(prog: str, main: Callable[[], int]) -> int:
     as ``prog: error: ...``), 128 + signal number when interrupted.
     """
     restore = install_signal_cleanup()
+    # quiet_third_party changes process-wide state: put it back for in-process callers.
+    env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    log_level = logging.root.manager.disable
+    warn = warnings.catch_warnings()
+    warn.__enter__()
     try:
         return main()
     except Interrupted as e:
@@ -102,3 +108,10 @@ def run_cli(prog: str, main: Callable[[], int]) -> int:
         return 2
     finally:
         restore()
+        warn.__exit__(None, None, None)
+        logging.disable(log_level)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
