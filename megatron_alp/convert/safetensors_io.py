@@ -362,8 +362,8 @@ class ShardedSafetensorsWriter:
             self._handles = []
 
     def close(self) -> list[Path]:
-        """Check completeness, validate the headers, fsync, write the index; returns the
-        files written."""
+        """Check completeness, write the header lengths (0 until now), fsync, write the
+        index; returns the files written."""
         short = [n for n, (_, _, nb) in self._where.items() if self._written.get(n, 0) != nb]
         if short:
             for f in self._handles:

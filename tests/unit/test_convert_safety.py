@@ -310,3 +310,24 @@ def test_disk_full_and_read_only_are_reported_as_such(tmp_path, model):
               f"{TOOLS / 'megatron_to_hf.py'} --megatron {model[1]} --out {mnt / 'out'}")
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and f"{mnt} is on a read-only file system" in r.stderr, r.stderr
+
+
+def test_unfinished_safetensors_file_is_not_loadable(tmp_path):
+    """A killed megatron_to_hf leaves (inside its hidden temporary folder) a file of full
+    size; its header length stays 0 until the writer completes, so nothing loads it."""
+    from safetensors import SafetensorError
+
+    from megatron_alp.convert.safetensors_io import ShardedSafetensorsWriter
+
+    plan = [("a", (4, 4), torch.float32), ("b", (8,), torch.float32)]
+    w = ShardedSafetensorsWriter(tmp_path, plan, max_shard_bytes=10**9)
+    w.write("a", torch.ones(4, 4))  # "b" never written: the process is killed here
+    w._handles[0].flush()
+    f = tmp_path / "model.safetensors"
+    assert f.stat().st_size > 96
+    with pytest.raises(SafetensorError):
+        load_file(f)
+    w.write("b", torch.arange(8.0))
+    w.close()
+    got = load_file(f)
+    assert torch.equal(got["a"], torch.ones(4, 4)) and torch.equal(got["b"], torch.arange(8.0))
