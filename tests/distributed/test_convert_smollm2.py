@@ -83,9 +83,9 @@ def test_smollm2_converted_matches_hf_at_tp3_and_pp3(smollm2_hf, tmp_path):
             print(f"SmolLM2-135M {layout.tensor_model_parallel_size=} "
                   f"{layout.pipeline_model_parallel_size=}: {report}")
             assert report.max_abs_diff < 2e-4 and report.top1_agreement == 1.0, str(report)
-    # Back to HF in bf16 (the default): loads, same arg-max tokens as the original.
+    # Back to HF in bf16: loads, same arg-max tokens as the original.
     back = tmp_path / "back"
-    convert_megatron_to_hf(ckpt, back, progress=False)
+    convert_megatron_to_hf(ckpt, back, dtype="bf16", progress=False)
     bf16 = hf_reference_logits(back, tokens, dtype=torch.bfloat16)
     assert compare_logits(ref, bf16).top1_agreement >= 0.95
 
