@@ -155,10 +155,10 @@ shutil.rmtree(dst)
     )
     m2h_code = (
         "from megatron_alp.convert import convert_megatron_to_hf as c; "
-        f"print(c({str(mg)!r}, {str(back)!r}, progress=False).seconds)"
+        f"print(c({str(mg)!r}, {str(back)!r}, dtype='bf16', progress=False).seconds)"
     )
     steps = [
-        ("import megatron_alp.convert (RSS floor)", "import megatron_alp.convert; print(0.0)"),
+        ("import megatron_alp.convert (RSS floor)", "import megatron_alp.convert.hf_to_megatron; print(0.0)"),
         ("plain read of the safetensors files", read_code),
         ("plain copy of the files (read + write + fsync)", copy_code),
         (f"hf_to_megatron (threads={args.threads})", h2m_code),

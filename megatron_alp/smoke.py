@@ -20,17 +20,32 @@ import time
 from megatron_alp.parallel import ParallelConfig
 
 
+def _at_least(low: float, kind: type):
+    """argparse type: a ``kind`` number >= ``low``, the flag named by argparse on error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {low}")
+        return value
+
+    return parse
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m megatron_alp.smoke", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2)")
-    p.add_argument("--pp", type=int, default=2, help="pipeline-parallel size (default 2)")
+    p.add_argument("--tp", type=_at_least(1, int), default=2, help="tensor-parallel size (default 2)")
+    p.add_argument("--pp", type=_at_least(1, int), default=2, help="pipeline-parallel size (default 2)")
     p.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
     p.add_argument("--model-type", default="qwen2", help="qwen2 | qwen3 | llama (default qwen2)")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps (default 3)")
-    p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (default 4)")
-    p.add_argument("--tol", type=float, default=1e-5, help="max |loss - TP1 loss| allowed")
+    p.add_argument("--steps", type=_at_least(1, int), default=3, help="optimizer steps (default 3)")
+    p.add_argument("--micro-batches", type=_at_least(1, int), default=4, help="micro-batches per step (default 4)")
+    p.add_argument("--tol", type=_at_least(0.0, float), default=1e-5, help="max |loss - TP1 loss| allowed")
     p.add_argument(
-        "--nproc", type=int, default=None,
+        "--nproc", type=_at_least(1, int), default=None,
         help="ranks to spawn when not started by torchrun (default tp*pp)",
     )
     return p.parse_args(argv)

@@ -46,6 +46,11 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_alp.convert.checks import (
+    MEGATRON_METADATA,
+    check_dist_checkpoint_files,
+    resolve_checkpoint_dir,
+)
 from megatron_alp.convert.mapping import TE_FUSED_NORMS
 
 __all__ = [
@@ -58,8 +63,6 @@ __all__ = [
     "write_dist_checkpoint",
 ]
 
-MEGATRON_METADATA = "metadata.json"
-"""Megatron's marker file: ``{"sharded_backend": "torch_dist", ...}``."""
 COMMON_STATE_KEY = "common_state/shard_0_1"
 """Megatron keeps the non-sharded part of a state dict as one object under this key."""
 
@@ -223,27 +226,6 @@ def write_dist_checkpoint(
     )
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The folder holding a dist checkpoint: ``path`` itself, or for a Megatron-LM save
-    root (``latest_checkpointed_iteration.txt``), its latest ``iter_*`` folder."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"Megatron checkpoint {p} does not exist or is not a folder")
-    if (p / MEGATRON_METADATA).exists():
-        return p
-    tracker = p / "latest_checkpointed_iteration.txt"
-    if tracker.exists():
-        it = tracker.read_text().strip()
-        sub = p / ("release" if it == "release" else f"iter_{int(it):07d}")
-        if (sub / MEGATRON_METADATA).exists():
-            return sub
-        raise ValueError(f"{tracker} names iteration {it!r}, but {sub} is not a dist checkpoint")
-    raise ValueError(
-        f"{p} is not a Megatron dist checkpoint (no {MEGATRON_METADATA}, no "
-        "latest_checkpointed_iteration.txt)"
-    )
-
-
 class _RegionLoadPlanner(LoadPlanner):
     """Reads requested regions of keys into preallocated tensors (DCP reshards)."""
 
@@ -285,15 +267,38 @@ class DistCheckpoint:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = resolve_checkpoint_dir(path)
-        cfg = json.loads((self.path / MEGATRON_METADATA).read_text())
-        if cfg.get("sharded_backend") != "torch_dist":
-            raise ValueError(
-                f"{self.path / MEGATRON_METADATA}: sharded_backend "
-                f"{cfg.get('sharded_backend')!r} is not supported (expected 'torch_dist')"
-            )
+        check_dist_checkpoint_files(self.path)
         self._reader = FileSystemReader(str(self.path))
-        self.metadata = self._reader.read_metadata()
+        try:
+            self.metadata = self._reader.read_metadata()
+        except Exception as e:  # a pickle / format error from torch: name the file
+            raise ValueError(
+                f"dist checkpoint {self.path}: .metadata cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); the file is corrupt or incomplete"
+            ) from None
         self._reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self._check_data_files()
+
+    def _check_data_files(self) -> None:
+        """Every data file ``.metadata`` points into exists and is long enough."""
+        need: dict[str, int] = {}
+        for info in (self.metadata.storage_data or {}).values():
+            rel = getattr(info, "relative_path", None)
+            if rel is None:
+                continue
+            need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+        for rel, end in sorted(need.items()):
+            f = self.path / rel
+            if not f.is_file():
+                raise ValueError(
+                    f"dist checkpoint {self.path}: data file {rel} is missing (listed in .metadata)"
+                )
+            size = f.stat().st_size
+            if size < end:
+                raise ValueError(
+                    f"dist checkpoint {self.path}: data file {rel} has {size} bytes, .metadata "
+                    f"expects at least {end}: the file is truncated"
+                )
 
     def tensor_keys(self) -> list[str]:
         return [
@@ -348,7 +353,18 @@ class DistCheckpoint:
                 f"dist checkpoint {self.path}: key {key} region {offsets}+{sizes} is only "
                 f"partly stored ({covered} of {dest.numel()} elements)"
             )
-        self._reader.read_data(plan, planner).wait()
+        try:
+            self._reader.read_data(plan, planner).wait()
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:  # torch.load of a damaged .distcp region, an I/O error...
+            files = sorted({str(self.metadata.storage_data[i.storage_index].relative_path)
+                            for i in plan.items if i.storage_index in self.metadata.storage_data})
+            raise ValueError(
+                f"dist checkpoint {self.path}: tensor {key} cannot be read from {files} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the data "
+                "file is corrupt"
+            ) from None
         return dest
 
     def read_layer(self, key: str, layer: int | None, *, dtype: torch.dtype | None = None,

@@ -31,11 +31,10 @@ from megatron_alp.convert.dist_ckpt import (
     extra_state_keys,
     write_dist_checkpoint,
 )
+from megatron_alp.convert.checks import check_hf_folder
 from megatron_alp.convert.io_utils import (
     HF_ASSETS_DIR,
     PROVENANCE_FILE,
-    atomic_output_dir,
-    check_output_dir,
     copy_hf_assets,
     dtype_name,
     load_hf_config,
@@ -43,9 +42,13 @@ from megatron_alp.convert.io_utils import (
 )
 from megatron_alp.convert.mapping import ModelMapping, get_mapping
 from megatron_alp.convert.safetensors_io import HFSafetensors
+from megatron_alp.io_safety import atomic_output_dir, check_output
 from megatron_alp.models.hf import gpt_args_from_hf
 
-__all__ = ["ConversionReport", "convert_hf_to_megatron", "plan_chunks"]
+__all__ = ["ConversionReport", "check_weights", "convert_hf_to_megatron", "plan_chunks"]
+
+TOOL = "hf_to_megatron"
+"""Name in the output marker: ``--force`` replaces only a folder this tool wrote."""
 
 DEFAULT_BLOCK_BYTES = 256 * 1024**2
 """Row blocks of the embedding / output layer are at most this big (bounds memory)."""
@@ -68,12 +71,33 @@ class ConversionReport:
         return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
 
 
-def _check_model_type(folder: Path) -> None:
-    cfg = folder / "config.json"
-    if not cfg.exists():
-        raise ValueError(f"{folder} has no config.json (expected an HF model folder)")
-    model_type = json.loads(cfg.read_text()).get("model_type")
-    get_mapping(model_type)  # ValueError listing the supported types
+def _check_model_type(folder: Path, *, flag: str = "--hf") -> None:
+    get_mapping(check_hf_folder(folder, flag=flag)["model_type"])  # ValueError listing the supported types
+
+
+def check_weights(
+    t: torch.Tensor, name: str, where: str, *, allow_non_float: bool, allow_non_finite: bool
+) -> None:
+    """Refuse a weight that is not floating point, or holds NaN / inf, unless allowed:
+    either is almost always a broken or quantised checkpoint, not a model to train."""
+    if not t.is_floating_point():
+        if not allow_non_float:
+            raise ValueError(
+                f"tensor {name} in {where} is {dtype_name(t.dtype)}, expected a floating-point "
+                "weight (a quantised checkpoint? dequantise it first, e.g. tools/convert/"
+                "gguf_to_hf.py); pass --allow-non-float to convert it anyway"
+            )
+        return
+    if allow_non_finite:
+        return
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(t).sum())
+        inf = int(t.numel() - finite.sum()) - nan
+        raise ValueError(
+            f"tensor {name} in {where} holds {nan} NaN and {inf} inf values (expected finite "
+            "weights); pass --allow-non-finite to convert it anyway"
+        )
 
 
 def validate_hf_checkpoint(mapping: ModelMapping, hf: HFSafetensors) -> None:
@@ -196,33 +220,50 @@ def convert_hf_to_megatron(
     thread_count: int = 1,
     make_vocab_size_divisible_by: int = 128,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    allow_non_float: bool = False,
+    allow_non_finite: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> ConversionReport:
     """Convert an HF folder into a Megatron dist checkpoint at ``out_dir`` (see module doc).
 
     ``dtype`` None keeps each tensor's stored dtype; ``"bf16"`` / ``"fp32"`` / ``"fp16"``
-    cast. ``force`` replaces a non-empty ``out_dir``. ``thread_count`` DCP writer threads
-    (each holds one chunk). Raises ValueError naming the file / tensor / value for bad input.
+    cast. ``force`` replaces an earlier output of this converter (never anything else; see
+    :mod:`megatron_alp.io_safety`). ``thread_count`` DCP writer threads (each holds one
+    chunk). Integer / NaN / inf weights are refused unless ``allow_non_float`` /
+    ``allow_non_finite``. ``say`` receives notes (stale temporary folders removed).
+    Raises ValueError naming the file / tensor / value for bad input.
     """
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir)
     out_dtype = parse_dtype(dtype)
-    if Path(out_dir).absolute() == hf_dir.absolute():
-        raise ValueError(f"output folder {out_dir} is the HF input folder")
-    check_output_dir(out_dir, force=force)
+    if not isinstance(thread_count, int) or thread_count < 1:
+        raise ValueError(f"--threads={thread_count!r}: expected a positive integer")
+    if not isinstance(make_vocab_size_divisible_by, int) or make_vocab_size_divisible_by < 1:
+        raise ValueError(
+            f"--make-vocab-size-divisible-by={make_vocab_size_divisible_by!r}: expected a positive integer"
+        )
     _check_model_type(hf_dir)
-    config = load_hf_config(hf_dir)
+    target = check_output(out_dir, tool=TOOL, inputs=[hf_dir], force=force)
+    config = load_hf_config(hf_dir, flag="--hf")
     args = gpt_args_from_hf(config)
     mapping = ModelMapping(
         get_mapping(args.model_type), args, make_vocab_size_divisible_by=make_vocab_size_divisible_by
     )
     hf = HFSafetensors(hf_dir)
     validate_hf_checkpoint(mapping, hf)
+    if not allow_non_float:  # from the headers, before anything is written
+        for name in mapping.hf_names():
+            info = hf.info(name)
+            check_weights(torch.empty(0, dtype=info.dtype), name, str(info.file),
+                          allow_non_float=False, allow_non_finite=True)
 
     read_bytes = 0
 
     def read(name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         nonlocal read_bytes
         t = hf.read(name, rows)
+        check_weights(t, name, str(hf.info(name).file),
+                      allow_non_float=allow_non_float, allow_non_finite=allow_non_finite)
         read_bytes += t.numel() * t.element_size()
         return t
 
@@ -231,14 +272,16 @@ def convert_hf_to_megatron(
     )
     objects = {k: None for k in extra_state_keys(mapping.megatron_names(), args.num_layers)}
     total = sum(c.nbytes for c in chunks)
-    bar = _progress(total, f"hf->megatron {hf_dir.name}", progress)
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        write_dist_checkpoint(
-            tmp, chunks, objects, thread_count=thread_count,
-            on_chunk=(lambda c: bar.update(c.nbytes)) if bar is not None else None,
-        )
-        if bar is not None:
-            bar.close()
+    with atomic_output_dir(target, expected_bytes=total, say=say) as tmp:
+        bar = _progress(total, f"hf->megatron {hf_dir.name}", progress)
+        try:
+            write_dist_checkpoint(
+                tmp, chunks, objects, thread_count=thread_count,
+                on_chunk=(lambda c: bar.update(c.nbytes)) if bar is not None else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
         copy_hf_assets(hf_dir, tmp / HF_ASSETS_DIR)
         provenance = {
             "format": "megatron_alp.convert/1",
@@ -259,7 +302,7 @@ def convert_hf_to_megatron(
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return ConversionReport(
         source=str(hf_dir),
-        target=str(out_dir),
+        target=str(target.path),
         model_type=args.model_type,
         tensors=len(mapping.megatron_names()),
         bytes_read=read_bytes,
@@ -280,11 +323,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
+PROGRESS_MIN_BYTES = 256 * 1024**2
+"""Smaller conversions take a second or two: no progress bar."""
+
+
 class _Bar:
     def __init__(self, total: int, desc: str) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                         leave=False)
 
     def update(self, n: int) -> None:
         self._bar.update(n)
@@ -294,4 +342,5 @@ class _Bar:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> _Bar | None:
-    return _Bar(total, desc) if enabled else None
+    """A byte progress bar on stderr for conversions of at least PROGRESS_MIN_BYTES."""
+    return _Bar(total, desc) if enabled and total >= PROGRESS_MIN_BYTES else None

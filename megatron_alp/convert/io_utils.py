@@ -1,23 +1,24 @@
-"""Shared plumbing of the converters: atomic output folders, HF side files, dtypes, sizes."""
+"""Shared plumbing of the converters: HF side files, HF configs, dtypes, sizes.
+
+Output folders (atomic publish, ``--force`` rules, clean-up) are
+:mod:`megatron_alp.io_safety`'s; cheap input checks are :mod:`megatron_alp.convert.checks`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+
+from megatron_alp.convert.checks import HF_ASSETS_DIR, PROVENANCE_FILE, check_hf_folder, read_provenance
 
 __all__ = [
     "HF_ASSETS_DIR",
     "PROVENANCE_FILE",
-    "atomic_output_dir",
-    "check_output_dir",
     "copy_hf_assets",
     "load_hf_config",
     "parse_dtype",
@@ -25,10 +26,6 @@ __all__ = [
     "read_provenance",
 ]
 
-HF_ASSETS_DIR = "hf"
-"""Sub-folder of a converted Megatron checkpoint with the HF config and tokenizer."""
-PROVENANCE_FILE = "megatron_alp_convert.json"
-"""Provenance of a converted checkpoint (source, dtype, vocabulary padding, versions)."""
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -74,54 +71,14 @@ def parse_size(value: str | int, *, flag: str = "--max-shard-size") -> int:
     return size
 
 
-def check_output_dir(target: str | os.PathLike, *, force: bool) -> Path:
-    """``target`` as an absolute path; ValueError if it is a file, or a non-empty folder
-    without ``force``. Converters call it first, before reading any weights."""
-    target = Path(target).absolute()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"output {target} exists and is not a folder")
-    if target.exists() and any(target.iterdir()) and not force:
-        raise ValueError(
-            f"output folder {target} is not empty; pass --force (force=True) to replace it"
-        )
-    return target
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike, *, force: bool) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; rename it to ``target`` on success.
-
-    A non-empty ``target`` is refused unless ``force`` (then replaced, after the new
-    content is complete). On any error the temporary folder is removed; a killed process
-    leaves only a hidden ``.<name>.tmp-*`` folder, never something that looks complete.
-    """
-    target = check_output_dir(target, force=force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{tag}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
-
-
 def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike, *, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy an HF folder's config, tokenizer and other side files (no weights) to ``dst``."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name in skip:
-            continue
+        if not p.is_file() or p.name in skip or p.name.startswith("."):
+            continue  # hidden files: e.g. another tool's output marker
         if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
             continue
         shutil.copy2(p, dst / p.name)
@@ -129,17 +86,16 @@ def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike, *, skip: tupl
     return copied
 
 
-def load_hf_config(folder: str | os.PathLike) -> Any:
-    """``transformers.AutoConfig`` of a local folder (never downloads)."""
+def load_hf_config(folder: str | os.PathLike, *, flag: str = "config") -> Any:
+    """``transformers.AutoConfig`` of a local folder (never downloads); ValueError naming
+    the file when transformers rejects it."""
     import transformers
 
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise ValueError(f"{folder} has no config.json (expected an HF model folder)")
-    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-
-
-def read_provenance(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """The provenance record of a converted checkpoint ({} if it has none)."""
-    p = Path(ckpt_dir) / PROVENANCE_FILE
-    return json.loads(p.read_text()) if p.exists() else {}
+    check_hf_folder(folder, flag=flag)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers / huggingface_hub raise many kinds
+        text = " ".join(str(e).split()) or type(e).__name__
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise ValueError(f"transformers rejects {folder / 'config.json'}: {text}") from None

@@ -91,6 +91,39 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _tensor_info(path: Path, name: str, meta: object, data_start: int, size: int) -> TensorInfo:
+    """One header entry, checked: dtype, shape and ``data_offsets`` present and consistent
+    with each other and with the file's size."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: header entry is {meta!r}, expected an object with dtype, shape, data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in meta]
+    if missing:
+        raise ValueError(f"{where}: header entry lacks {missing} (expected dtype, shape, data_offsets)")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    dtype = dtype_from_safetensors(meta["dtype"], where=where) if isinstance(meta["dtype"], str) else None
+    if dtype is None:
+        raise ValueError(f"{where}: dtype {meta['dtype']!r} is not a safetensors dtype name")
+    b, e = offsets
+    want = _numel(shape) * _itemsize(dtype)
+    if e - b != want:
+        raise ValueError(
+            f"{where}: data_offsets {offsets} give {e - b} bytes, but shape {tuple(shape)} of "
+            f"{meta['dtype']} needs {want} bytes"
+        )
+    if data_start + e > size:
+        raise ValueError(
+            f"{where} ends at byte {data_start + e}, beyond the end of the file ({size} bytes): "
+            "the file is truncated"
+        )
+    return TensorInfo(name=name, file=path, dtype=dtype, shape=tuple(shape), begin=data_start + b, nbytes=want)
+
+
 def _as_bytes(t: torch.Tensor) -> memoryview:
     flat = t.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -112,7 +145,7 @@ class HFSafetensors:
         if index.exists():
             try:
                 weight_map = dict(json.loads(index.read_text())["weight_map"])
-            except (KeyError, json.JSONDecodeError) as e:
+            except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{index}: not a safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.folder / f).exists()]
@@ -141,27 +174,16 @@ class HFSafetensors:
             path = self.folder / fname
             header, data_start = _read_header(path)
             size = path.stat().st_size
+            if not isinstance(header, dict):
+                raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an object)")
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                b, e = meta["data_offsets"]
-                if data_start + e > size:
-                    raise ValueError(
-                        f"{path}: tensor {name} ends at byte {data_start + e}, beyond the end "
-                        f"of the file ({size} bytes): the file is truncated"
-                    )
+                info = _tensor_info(path, name, meta, data_start, size)
                 if name in self.tensors:
                     raise ValueError(
                         f"tensor {name} appears in both {self.tensors[name].file} and {path}"
                     )
-                info = TensorInfo(
-                    name=name,
-                    file=path,
-                    dtype=dtype_from_safetensors(meta["dtype"], where=f"{path}: {name}"),
-                    shape=tuple(int(s) for s in meta["shape"]),
-                    begin=data_start + b,
-                    nbytes=e - b,
-                )
                 self.tensors[name] = info
         if weight_map is not None:
             for name, fname in weight_map.items():
@@ -213,7 +235,10 @@ class HFSafetensors:
                         break
                     got += n
             if got != nbytes:
-                raise ValueError(f"{info.file}: short read of {name} ({got} of {nbytes} bytes)")
+                raise ValueError(
+                    f"{info.file}: short read of tensor {name}: expected {nbytes} bytes at offset "
+                    f"{offset}, got {got} (the file changed or is truncated)"
+                )
         return out
 
 
@@ -263,6 +288,7 @@ class ShardedSafetensorsWriter:
         self.files: list[Path] = []
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (file idx, begin, nbytes)
         self._written: dict[str, int] = {}
+        self._header_lens: list[int] = []
         self.weight_map: dict[str, str] = {}
         self.total_bytes = sum(nbytes.values())
         for idx, names in enumerate(shards):
@@ -282,9 +308,12 @@ class ShardedSafetensorsWriter:
             start = 8 + len(raw)
             path = self.folder / fname
             with open(path, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)))
+                # Header length 0 until close(): a file left by a killed run is not a
+                # valid safetensors file, whatever its size.
+                f.write(struct.pack("<Q", 0))
                 f.write(raw)
                 f.truncate(start + pos)
+            self._header_lens.append(len(raw))
             for n in names:
                 b, _ = header[n]["data_offsets"]  # type: ignore[index]
                 self._where[n] = (idx, start + b, nbytes[n])
@@ -333,14 +362,20 @@ class ShardedSafetensorsWriter:
             self._handles = []
 
     def close(self) -> list[Path]:
-        """Flush, fsync, check completeness, write the index; returns the files written."""
-        for f in self._handles:
+        """Check completeness, write the header lengths (0 until now), fsync, write the
+        index; returns the files written."""
+        short = [n for n, (_, _, nb) in self._where.items() if self._written.get(n, 0) != nb]
+        if short:
+            for f in self._handles:
+                f.close()
+            self._handles = []
+            raise RuntimeError(f"safetensors writer: {len(short)} tensors not fully written, e.g. {short[:3]}")
+        for f, n in zip(self._handles, self._header_lens):
+            f.seek(0)
+            f.write(struct.pack("<Q", n))
             os.fsync(f.fileno())
             f.close()
         self._handles = []
-        short = [n for n, (_, _, nb) in self._where.items() if self._written.get(n, 0) != nb]
-        if short:
-            raise RuntimeError(f"safetensors writer: {len(short)} tensors not fully written, e.g. {short[:3]}")
         out = list(self.files)
         if len(self.files) > 1:
             index = self.folder / INDEX_NAME

@@ -80,10 +80,13 @@ def test_non_empty_target_needs_force(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(ValueError, match=f"output folder {out} is not empty; pass --force"):
-        convert_hf_to_megatron(src, out, progress=False)
-    assert (out / "keep.txt").read_text() == "precious"
-    with pytest.raises(ValueError, match="is the HF input folder"):
+    # A folder this tool did not write is never replaced, with or without --force.
+    for force in (False, True):
+        with pytest.raises(ValueError, match=f"--out {out} is not empty and it has no "
+                                             r"\.megatron_alp_output\.json of hf_to_megatron.*even with --force"):
+            convert_hf_to_megatron(src, out, progress=False, force=force)
+    assert (out / "keep.txt").read_text() == "precious" and no_output(tmp_path, "hf_tmp")
+    with pytest.raises(ValueError, match="is the input"):
         convert_hf_to_megatron(src, src, progress=False, force=True)
 
 

@@ -98,7 +98,7 @@ def test_sharded_input_and_dtypes(tmp_path):
     for k in a.tensor_keys():
         assert a.dtype(k) == torch.bfloat16 and torch.equal(a.read(k), b.read(k)), k
     # bf16 stays bit-exact on the way back; fp32 storage on request.
-    convert_megatron_to_hf(tmp_path / "b", tmp_path / "back", progress=False)  # bf16 default
+    convert_megatron_to_hf(tmp_path / "b", tmp_path / "back", progress=False)  # auto: the stored bf16
     assert_bit_exact(hf_tensors(single), hf_tensors(tmp_path / "back"))
     convert_hf_to_megatron(sharded, tmp_path / "c", dtype="fp32", progress=False)
     c = DistCheckpoint(tmp_path / "c")
