@@ -1,4 +1,4 @@
-"""Tiny models and data for tests, benchmarks and the smoke job (no downloads).
+"""Tiny models and data for tests and benchmarks (no downloads).
 
 ``tiny_hf_config`` returns a real ``transformers`` config of a supported architecture at
 toy size; ``random_full_state`` gives canonical (TP=1, PP=1) Megatron weights drawn from a

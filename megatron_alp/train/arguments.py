@@ -89,6 +89,8 @@ class RunConfig:
     eval_samples: int
     advantage_estimator: str
     verify_weights_swap: bool
+    engine_kwargs: dict
+    """Engine-specific ``create_engine`` arguments (the fleet's endpoints, backend, sync address)."""
     run_dir: Path
     nproc: int | None
 
@@ -171,6 +173,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "default), vllm, ... (default: local)")
     g.add_argument("--rl-rollout-dtype", default="bf16", choices=ROLLOUT_DTYPES,
                    help="rollout engine precision: bf16 (like a vLLM fleet) or fp32 (default: bf16)")
+    g.add_argument("--rl-fleet-endpoints", default=None, metavar="URL[,URL...]",
+                   help="--rl-rollout-engine fleet: engine base URLs (http://host:port, started by "
+                        "python -m megatron_alp.rollout.fleet_launch); none: start --rl-fleet-engines "
+                        "local engines")
+    g.add_argument("--rl-fleet-backend", default="twin", choices=("twin", "vllm"),
+                   help="fleet engine kind: twin (the CPU twin: LocalEngine served over HTTP + gloo "
+                        "weight group) or vllm (vllm serve with our worker extension); default twin")
+    g.add_argument("--rl-fleet-engines", type=int, default=2,
+                   help="engines of a locally started fleet (no --rl-fleet-endpoints; default 2)")
+    g.add_argument("--rl-fleet-sync-host", default="127.0.0.1",
+                   help="this trainer's address as the engines reach it (weight-sync rendezvous)")
+    g.add_argument("--rl-fleet-sync-port", type=int, default=None,
+                   help="first weight-sync rendezvous port (default: a free one)")
     g.add_argument("--rl-max-new-tokens", type=int, default=256,
                    help="maximum response tokens per completion (default: 256)")
     g.add_argument("--rl-max-prompt-length", type=int, default=None,
@@ -321,6 +336,25 @@ def _validate_with_megatron(args: argparse.Namespace) -> None:
             validate_args(args)
     except AssertionError as e:
         raise ValueError(f"megatron rejected the arguments: {e}") from None
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rl_rollout_engine != "fleet":
+        return {}
+    if args.rl_fleet_engines < 1:
+        raise ValueError(f"--rl-fleet-engines={args.rl_fleet_engines} is invalid; expected >= 1")
+    endpoints = [e.strip() for e in args.rl_fleet_endpoints.split(",")] if args.rl_fleet_endpoints else None
+    if endpoints is not None and not all(e.startswith(("http://", "https://")) for e in endpoints):
+        raise ValueError(
+            f"--rl-fleet-endpoints {args.rl_fleet_endpoints!r}: expected comma-separated http://host:port URLs"
+        )
+    kw: dict[str, Any] = dict(backend=args.rl_fleet_backend, sync_host=args.rl_fleet_sync_host,
+                              sync_port=args.rl_fleet_sync_port)
+    if endpoints is None:
+        kw["num_engines"] = args.rl_fleet_engines
+    else:
+        kw["endpoints"] = endpoints
+    return kw
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:
@@ -497,6 +531,13 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         from megatron_alp.train.checkpoint import find_checkpoint
 
         find_checkpoint(load, required=not (args.save and Path(args.save).resolve() == load.resolve()))
+    if args.save:
+        from megatron_alp.train.checkpoint import check_save_path
+
+        inputs = {"--hf-model": Path(args.hf_model), "--rl-prompt-data": Path(args.rl_prompt_data)}
+        if args.rl_eval_data:
+            inputs["--rl-eval-data"] = Path(args.rl_eval_data)
+        check_save_path(Path(args.save), inputs)
     if args.save_interval is not None and args.save_interval < 1:
         raise ValueError(f"--save-interval={args.save_interval} is invalid; expected >= 1")
     if args.save_interval and not args.save:
@@ -541,6 +582,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         eval_samples=args.rl_eval_samples,
         advantage_estimator=estimator,
         verify_weights_swap=bool(args.rl_verify_model_weights_swap),
+        engine_kwargs=_engine_kwargs(args),
         run_dir=run_dir,
         nproc=args.nproc,
     )

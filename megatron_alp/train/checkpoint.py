@@ -101,6 +101,15 @@ def check_save_path(save: Path, inputs: dict[str, Path]) -> None:
             )
     if s.exists() and not s.is_dir():
         raise ValueError(f"--save {save} exists and is not a folder")
+    latest = s / LATEST
+    if latest.is_file():
+        text = latest.read_text().strip()
+        folder = iter_dir(s, int(text)) if text.isdigit() else None
+        if folder is None or not (folder / MARKER).is_file():
+            raise ValueError(
+                f"--save {save} holds a checkpoint that this trainer did not write ({LATEST} -> "
+                f"{text!r}); it never replaces what it did not write: choose another --save"
+            )
 
 
 def clean_stale(save: Path) -> list[Path]:

@@ -130,9 +130,10 @@ class Trainer:
             if self.eval_set is not None else None
         )
         dtype = "float32" if run.rollout_dtype == "fp32" else "bfloat16"
-        self.engine = create_engine(
-            run.rollout_engine, model=str(run.hf_model), dtype=dtype, device=str(platform.device()),
-        )
+        kwargs: dict[str, Any] = dict(model=str(run.hf_model), dtype=dtype, **run.engine_kwargs)
+        if run.rollout_engine == "local":
+            kwargs["device"] = str(platform.device())
+        self.engine = create_engine(run.rollout_engine, **kwargs)
         eos = self.tokenizer.eos_token_id
         self.stop_ids = (eos,) if eos is not None else ()
 
@@ -152,6 +153,10 @@ class Trainer:
             return
         self.engine.update_weights(iter(buckets))
         if self.cfg.run.verify_weights_swap:
+            verify = getattr(self.engine, "verify_weights", None)
+            if verify is not None:  # engines that can compare on their side (the fleet)
+                verify(iter(buckets))
+                return
             params = dict(self.engine.model.named_parameters())
             for bucket in buckets:
                 for name, t in bucket:
@@ -162,13 +167,27 @@ class Trainer:
                         )
 
     def sync_weights(self) -> None:
-        """Push the current policy (or the one K updates old) to the engine."""
+        """Push the current policy (or the one K updates old) to the engine.
+
+        Without a lag the export streams straight into the engine (bucket by bucket, no
+        copy kept); with ``--rl-generation-lag K`` rank 0 keeps the last K + 1 exports.
+        """
+        run = self.cfg.run
+        if run.generation_lag == 0 and not run.verify_weights_swap:
+            from megatron_alp.convert.live_export import export_hf_buckets
+
+            dtype = torch.float32 if run.rollout_dtype == "fp32" else torch.bfloat16
+            stream = export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype)
+            if self.rank == 0:
+                self.engine.update_weights(stream)
+            for _ in stream:  # drain: every rank takes part in each bucket's collectives
+                pass
+            return
         buckets = self._export()
         if self.rank != 0:
             return
-        lag = self.cfg.run.generation_lag
         self.lagged.append(buckets)
-        while len(self.lagged) > lag + 1:
+        while len(self.lagged) > run.generation_lag + 1:
             self.lagged.popleft()
         self._load_engine(self.lagged[0])
 
