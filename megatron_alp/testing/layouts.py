@@ -13,14 +13,12 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megatron_alp import parallel
 from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
 from megatron_alp.models.sharding import gather_tp_full, gather_vocab, load_full_state
-from megatron_alp.schedule import forward_backward, wrap_ddp
+from megatron_alp.schedule import wrap_ddp
 from megatron_alp.models.tiny import random_full_state
 
 __all__ = [
@@ -103,7 +101,9 @@ def run_layout(
     ``forward_context(step, batch)``, when given, returns a context manager entered around
     the model call of each micro-batch (ALP's ``perturbed``).
     """
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_alp.train.policy import make_optimizer, optimizer_step
 
     args = gpt_args_from_hf(hf_config)
     with parallel.model_parallel(layout) as info:
@@ -111,32 +111,28 @@ def run_layout(
         chunks = build_model(args, tc, layer_spec_transform=layer_spec_transform)
         load_full_state(chunks, full_state)
         model = wrap_ddp(chunks, tc)
-        opt = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=0.0),
-            model,
-            use_gloo_process_groups=parallel.has_gloo_groups(),
-        )
+        # The trainer's own optimizer construction and step (megatron_alp.train.policy).
+        opt = make_optimizer(model, OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=0.0))
         losses, logits, grads = [], None, None
         for step in range(steps):
-            for m in model:
-                m.zero_grad_buffer()
-            opt.zero_grad()
             record: list = []
+            first: dict[str, Any] = {}
             ctx = None if forward_context is None else partial(forward_context, step)
-            stats = forward_backward(
-                model,
-                batches,
-                cross_entropy_loss(record),
-                seq_length=batches[0]["tokens"].shape[1],
-                forward_context=ctx,
+
+            def before_step(_first=first, _step=step) -> None:
+                if _step == 0:
+                    _first["grads"] = gather_tp_full(model, grads=True)
+
+            stats, _, _ = optimizer_step(
+                model, opt, batches, cross_entropy_loss(record), forward_context=ctx,
+                before_step=before_step,
             )
             losses.append([float(s["loss"]) for s in stats])
             if on_step is not None:
                 on_step(step, losses[-1])
             if step == 0:
                 logits = record[0] if record else None
-                grads = gather_tp_full(model, grads=True)
-            opt.step()
+                grads = first["grads"]
         keep = info.tp_rank == 0 and info.dp_rank == 0
         return dict(
             pp_rank=info.pp_rank,

@@ -28,7 +28,47 @@ from megatron_alp.perturbation import alp_config_overrides, with_alp
 from megatron_alp.rl.logprobs import vocab_parallel_logprobs
 from megatron_alp.schedule import Batch, forward_backward, wrap_ddp
 
-__all__ = ["Policy", "load_hf_weights"]
+__all__ = ["Policy", "load_hf_weights", "make_optimizer", "optimizer_step"]
+
+
+def make_optimizer(model: Sequence[torch.nn.Module], opt_config: Any, alp_cfg: Any = None) -> Any:
+    """Megatron's optimizer for DDP-wrapped ``model``; ALP's sigma in its own group."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    overrides = alp_config_overrides(alp_cfg, opt_config) if alp_cfg is not None and alp_cfg.enabled else None
+    return get_megatron_optimizer(
+        opt_config, list(model), config_overrides=overrides,
+        use_gloo_process_groups=parallel.has_gloo_groups(),
+    )
+
+
+def optimizer_step(
+    model: Sequence[torch.nn.Module],
+    optimizer: Any,
+    micro_batches: Sequence[Batch],
+    loss_fn: Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict]],
+    *,
+    forward_context: Callable[[Batch], Any] | None = None,
+    before_step: Callable[[], None] | None = None,
+) -> tuple[list[dict], bool, float | None]:
+    """Zero grads, forward/backward every micro-batch through Megatron's schedule, step.
+
+    ``loss_fn(logits, batch)`` as in :func:`megatron_alp.schedule.forward_backward`;
+    ``before_step`` runs after the backward (grads reduced) and before the update.
+    Returns the per-micro-batch stats (last stage), whether the update was applied, and
+    the grad norm.
+    """
+    for m in model:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    stats = forward_backward(
+        model, micro_batches, loss_fn, seq_length=micro_batches[0]["tokens"].shape[1],
+        forward_context=forward_context,
+    )
+    if before_step is not None:
+        before_step()
+    ok, grad_norm, _ = optimizer.step()
+    return stats, bool(ok), grad_norm
 
 
 @torch.no_grad()
@@ -62,7 +102,7 @@ class Policy:
     """See the module docstring. Build after ``parallel.initialize``."""
 
     def __init__(self, cfg: Any, hf_config: Any, *, with_reference: bool) -> None:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.cfg = cfg
@@ -104,13 +144,7 @@ class Policy:
             params_dtype=dtype,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
         )
-        overrides = alp_config_overrides(cfg.alp, self.opt_config) if cfg.alp.enabled else None
-        self.optimizer = get_megatron_optimizer(
-            self.opt_config,
-            self.model,
-            config_overrides=overrides,
-            use_gloo_process_groups=parallel.has_gloo_groups(),
-        )
+        self.optimizer = make_optimizer(self.model, self.opt_config, cfg.alp)
         sch = cfg.scheduler
         steps = self.optimizer_steps_per_rl_step
         self.scheduler = OptimizerParamScheduler(
@@ -202,14 +236,9 @@ class Policy:
             loss, stats = loss_fn(lp, ent, batch)
             return loss * scale, stats
 
-        for m in self.model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        stats = forward_backward(
-            self.model, micro_batches, schedule_loss,
-            seq_length=micro_batches[0]["tokens"].shape[1], forward_context=forward_context,
+        stats, ok, grad_norm = optimizer_step(
+            self.model, self.optimizer, micro_batches, schedule_loss, forward_context=forward_context
         )
-        ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups") else float("nan")
         return stats, {

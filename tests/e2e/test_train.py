@@ -216,3 +216,69 @@ def test_bad_configuration_exits_2_before_ranks_start(assets, tmp_path):
     assert f"--hf-model {tmp_path / 'missing'}: no config.json" in out
     assert "Traceback" not in out
     assert not (tmp_path / "run" / "logs").exists()  # no rank was started
+
+
+# ------------------------------------------------------------------------ Megatron features, sinks, exits
+def test_distributed_optimizer_bf16_recompute_sp_wandb_tensorboard(group, assets, tmp_path):
+    """DP = 2 with Megatron's DistributedOptimizer, bf16, full recompute, sequence parallel,
+    ALP; wandb (offline) and TensorBoard get the metrics; --exit-interval saves and stops."""
+    save = tmp_path / "ckpt"
+    out = _run(group, base_argv(
+        assets, tmp_path / "run", "--rl-loss", "seq-alp", "--tensor-model-parallel-size", "2",
+        "--sequence-parallel", "--use-distributed-optimizer", "--bf16",
+        "--recompute-granularity", "full", "--train-iters", "5", "--exit-interval", "2",
+        "--save", str(save), "--wandb-project", "alp-test", "--wandb-save-dir", str(tmp_path / "wandb"),
+        "--tensorboard-dir", str(tmp_path / "tb"),
+    ))
+    assert out["exit_reason"] == "exit-interval" and out["step"] == 2
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    for h in out["history"]:
+        assert math.isfinite(h["actor/pg_loss"]) and math.isfinite(h["actor/grad_norm"])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").rglob("*.wandb"))
+
+
+def test_finetune_from_converted_checkpoint_and_export(group, assets, tmp_path):
+    """hf_to_megatron -> --load --finetune trains from those weights; the trainer's
+    checkpoint exports back to HF with megatron_to_hf (no sigma)."""
+    conv = tmp_path / "converted"
+    r = subprocess.run([sys.executable, "tools/convert/hf_to_megatron.py", "--hf", str(assets / "model"),
+                        "--out", str(conv)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    save = tmp_path / "ckpt"
+    out = _run(group, base_argv(
+        assets, tmp_path / "run", "--rl-loss", "token-alp", "--tensor-model-parallel-size", "2",
+        "--train-iters", "1", "--load", str(conv), "--finetune", "--save", str(save),
+    ))
+    assert [h["step"] for h in out["history"]] == [1]
+    hf_out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "tools/convert/megatron_to_hf.py", "--megatron",
+                        str(save / "iter_0000001"), "--hf-config", str(assets / "model"), "--out", str(hf_out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from safetensors import safe_open
+
+    names = set()
+    for f in hf_out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as s:
+            names |= set(s.keys())
+    assert "model.embed_tokens.weight" in names
+    assert not any("alp" in n or "sigma" in n for n in names)
+
+
+def test_sigterm_saves_and_exits_zero(assets, tmp_path):
+    save = tmp_path / "ckpt"
+    p = _cli(base_argv(assets, tmp_path / "run", "--rl-loss", "grpo", "--tensor-model-parallel-size", "2",
+                       "--train-iters", "50", "--save", str(save), "--exit-signal-handler", "--nproc", "2"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert p.poll() is None, p.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    step = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= step < 50
+    assert f"stopped after step {step} (signal)" in out
