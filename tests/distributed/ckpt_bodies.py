@@ -132,3 +132,79 @@ def save_and_load(ckpt_dir: str, save_layout: str, load_layouts: list[str], cfg:
                 "sigmas": _all_sigmas(chunks),
             }
     return out
+
+
+def _train_setup(args, layout: str, cfg: ALPConfig, full: dict):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_alp.perturbation import alp_config_overrides
+    from megatron_alp.schedule import wrap_ddp
+
+    tc = transformer_config(args, LAYOUTS[layout])
+    chunks = build_model(args, tc, layer_spec_transform=functools.partial(with_alp, cfg=cfg))
+    load_full_state(chunks, full)
+    model = wrap_ddp(chunks, tc)
+    ocfg = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=0.0)
+    opt = get_megatron_optimizer(
+        ocfg, model, config_overrides=alp_config_overrides(cfg, ocfg),
+        use_gloo_process_groups=parallel.has_gloo_groups(),
+    )
+    return chunks, model, opt
+
+
+def _train_step(model, opt, ctx, step: int) -> None:
+    from megatron_alp.schedule import forward_backward
+    from megatron_alp.testing.layouts import cross_entropy_loss
+    from tests.distributed.alp_bodies import SEQ, make_batches
+
+    for m in model:
+        m.zero_grad_buffer()
+    opt.zero_grad()
+    forward_backward(model, make_batches(2), cross_entropy_loss([]), seq_length=SEQ,
+                     forward_context=functools.partial(ctx, step))
+    opt.step()
+
+
+def optimizer_resume(ckpt_dir: str, save_layout: str, load_layout: str, cfg: ALPConfig) -> dict:
+    """Resume through a dist checkpoint of model + optimizer (Adam) with a partial ALP range.
+
+    ``continued``: step 0, save, step 1 at ``save_layout``. ``resumed``: load model and
+    optimizer at ``load_layout``, step 1. ``fresh_optimizer``: load the model only, step 1
+    (the control: Adam's moments matter). Returns each run's sigma values after step 1.
+
+    Megatron's (non-distributed) optimizer only: on this CPU backend (torch Adam, no Apex /
+    TE) loading a DistributedOptimizer checkpoint fails in megatron-core with or without
+    ALP (dp_reshardable: in-place copy into a leaf view; fully_reshardable: KeyError 'step').
+    """
+    from megatron.core import dist_checkpointing
+
+    from tests.distributed.alp_bodies import NoiseContext
+
+    args = gpt_args_from_hf(tiny_hf_config())
+    full = saved_state(cfg)
+    ctx = NoiseContext()  # caches each step's key: the same noise in all three runs
+    out = {}
+    with parallel.model_parallel(LAYOUTS[save_layout]):
+        chunks, model, opt = _train_setup(args, save_layout, cfg, full)
+        _train_step(model, opt, ctx, 0)
+        sd = _model_sd(chunks)
+        sd["optimizer"] = opt.sharded_state_dict(sd)
+        sync_save(sd, ckpt_dir)
+        _train_step(model, opt, ctx, 1)
+        out["continued"] = _all_sigmas(chunks)
+    for run, with_opt in (("resumed", True), ("fresh_optimizer", False)):
+        with parallel.model_parallel(LAYOUTS[load_layout]):
+            chunks, model, opt = _train_setup(args, load_layout, cfg, full)
+            sd = _model_sd(chunks)
+            if with_opt:
+                sd["optimizer"] = opt.sharded_state_dict(sd, is_loading=True)
+            loaded = dist_checkpointing.load(sd, ckpt_dir)
+            for i, c in enumerate(chunks):
+                c.load_state_dict(loaded[f"model{i}"], strict=True)
+            if with_opt:
+                opt.load_state_dict(loaded["optimizer"])
+            else:
+                opt.reload_model_params()  # the fp32 copy of the params, if any
+            _train_step(model, opt, ctx, 1)
+            out[run] = _all_sigmas(chunks)
+    return out
