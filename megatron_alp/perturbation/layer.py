@@ -99,6 +99,7 @@ class LayerPerturbation(torch.nn.Module):
         self.layer_number = int(layer_number)  # global, 1-based (Megatron's)
         self.active = alp_config.perturbs_layer(self.layer_number - 1, config.num_layers)
         self.sequence_parallel = bool(config.sequence_parallel)
+        self._tp_group = getattr(pg_collection, "tp", None)  # replica ids in sharded_state_dict
         self.tp_rank, self.tp_size = _group_rank_size(getattr(pg_collection, "tp", None))
         self.cp_rank, self.cp_size = _group_rank_size(getattr(pg_collection, "cp", None))
         # Token positions of this rank's slice come from these groups: refuse to guess.
@@ -138,6 +139,43 @@ class LayerPerturbation(torch.nn.Module):
         if t is not None and t.dtype in (torch.float16, torch.bfloat16):
             t.data = t.data.float()
         return out
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """sigma as its own one-element tensor per layer, never stacked over layers.
+
+        ``TransformerBlock.sharded_state_dict`` stacks each per-layer tensor into one
+        ``(num_layers, ...)`` tensor through the ``(0, layer, num_layers)`` offset in
+        ``sharded_offsets``; a checkpoint must cover such a tensor completely. sigma lives
+        on the perturbed layers only (a partial range, ``placement="logits"``), so a
+        stacked sigma would have holes: megatron-core refuses it ("Invalid sharding
+        pattern"), and so would every optimizer state derived from it. Each layer's sigma
+        is therefore a ``(1,)`` tensor of its own, keyed by its global 0-based layer
+        (``...perturbation.layer_{l}.alp_log_sigma``, still matched by
+        :func:`is_alp_param`): owned by the one pipeline stage holding the layer,
+        replicated over TP and DP (replica ids as megatron-core's), loadable under any
+        layout. Layers outside the range contribute nothing.
+        """
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint
+
+        t = self.log_sigma
+        if t is None:
+            return {}
+        metadata = metadata or {}
+        dp_cp_group = metadata.get("dp_cp_group")
+        tp_group = self._tp_group
+        if dp_cp_group is None or tp_group is None:
+            from megatron.core import parallel_state as ps
+
+            dp_cp_group = dp_cp_group or ps.get_data_parallel_group(with_context_parallel=True)
+            tp_group = tp_group or ps.get_tensor_model_parallel_group()
+        key = f"{prefix}layer_{self.layer_number - 1}.{ALP_PARAM_NAME}"
+        return {
+            f"{prefix}{ALP_PARAM_NAME}": make_sharded_tensor_for_checkpoint(
+                t, key, prepend_offsets=((0, 0, 1),), tp_group=tp_group, dp_cp_group=dp_cp_group
+            )
+        }
 
     def forward(self, hidden_states: torch.Tensor, packed_seq_params: Any = None) -> torch.Tensor:
         if not self.active:

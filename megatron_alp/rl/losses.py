@@ -46,6 +46,7 @@ IS_CORRECTIONS = ("none", "tis", "mis")
 IS_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k3")
+REJECTED_TOKENS = ("zero-weight", "drop")
 
 # exp() of fp32 overflows above ~88.7; keep every exponentiated log-ratio well inside.
 _MAX_LOG_RATIO = 80.0
@@ -81,6 +82,14 @@ class PolicyLossConfig:
     """MIS lower threshold (>= 0, < T); None means 1 / T."""
     is_veto_threshold: float | None = None
     """If set, a sequence with any token ratio ``pi_old / pi_rollout`` below it gets weight 0."""
+    is_rejected_tokens: Literal["zero-weight", "drop"] = "zero-weight"
+    """What happens to a token whose IS weight is 0 (rejected by MIS, or in a vetoed
+    sequence). ``"zero-weight"``: it stays in the loss mask, contributes 0 to the policy
+    term and still counts in the token-mean / sequence denominators (and keeps its KL and
+    entropy terms): the reference's multi-turn code. ``"drop"``: it leaves the loss mask
+    as if its mask were 0: out of every term, of the ratio's sequence sums and of the global
+    counts (token-mean divides by the kept tokens): the reference's single-turn code and
+    verl's rejection sampling. No effect without an IS correction."""
     clip_low: float = 0.2
     """PPO lower clip: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``; in [0, 1)."""
     clip_high: float = 0.28
@@ -110,6 +119,7 @@ class PolicyLossConfig:
             ("is_level", IS_LEVELS),
             ("aggregation", AGGREGATIONS),
             ("kl_estimator", KL_ESTIMATORS),
+            ("is_rejected_tokens", REJECTED_TOKENS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -274,11 +284,53 @@ def _inputs_for(cfg: PolicyLossConfig, old_logp, rollout_logp, ref_logp):
         raise ValueError(f"ref_logp is required when kl_coef={cfg.kl_coef} > 0 but was None")
 
 
+class _IS(NamedTuple):
+    """The rollout IS correction of one micro-batch (detached)."""
+
+    weight_BT: torch.Tensor  # final weight (truncated / masked / vetoed), 0 off the mask
+    log_raw_BT: torch.Tensor  # unclamped log of pi_old / pi_rollout at the IS level
+    veto_B: torch.Tensor | None  # sequences vetoed
+
+
 class _MaskInfo(NamedTuple):
     valid_BT: torch.Tensor  # bool: tokens that enter the loss
     seq_len_B: torch.Tensor  # valid tokens per sequence, summed over CP
     n_nonfinite_tokens: torch.Tensor  # tokens under the input mask with a non-finite input
     n_dropped_seqs: torch.Tensor  # sequences dropped whole because of such a token
+    n_rejected_tokens: torch.Tensor  # tokens dropped by is_rejected_tokens="drop"
+    is_: _IS | None  # the IS correction, when computed here (is_rejected_tokens="drop")
+
+
+def _is_correction(
+    cfg: PolicyLossConfig,
+    old_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    valid: torch.Tensor,
+    cp_group: dist.ProcessGroup | None,
+) -> _IS:
+    """IS weights ``w`` of the tokens under ``valid`` (docs/objectives.md); 0 elsewhere.
+
+    ``w > 0`` exactly where a token is kept: ``exp`` of a log-weight clamped to +-20 is
+    positive in fp32, truncation keeps it positive, and only MIS and the veto write 0.
+    """
+    old = _zero_where_invalid(old_logp.detach(), valid)
+    roll = _zero_where_invalid(rollout_logp.detach(), valid)
+    x = old - roll
+    if cfg.is_level == "sequence":
+        log_raw = all_reduce_sum(x.sum(-1), cp_group).unsqueeze(-1).expand_as(x)
+    else:
+        log_raw = x
+    w = torch.exp(log_raw.clamp(-_IS_LOG_BOUND, _IS_LOG_BOUND))
+    if cfg.is_correction == "tis":
+        w = w.clamp(max=cfg.is_threshold)
+    else:
+        w = w * ((w >= cfg.is_lower) & (w <= cfg.is_threshold)).to(w.dtype)
+    veto = None
+    if cfg.is_veto_threshold is not None:
+        low = (x < math.log(cfg.is_veto_threshold)) & valid
+        veto = all_reduce_sum(low.sum(-1).to(torch.float64), cp_group) > 0
+        w = torch.where(veto.unsqueeze(-1), torch.zeros_like(w), w)
+    return _IS(torch.where(valid, w, torch.zeros_like(w)), log_raw, veto)
 
 
 def _mask_info(
@@ -314,7 +366,17 @@ def _mask_info(
         # replicated on every CP rank: count it on CP rank 0 only, so sums over ranks are right
         if group_rank(cp_group) == 0:
             n_dropped = drop.sum().to(torch.float64)
-    return _MaskInfo(valid, seq_len, bad.sum().to(torch.float64), n_dropped)
+    n_rejected = torch.zeros((), dtype=torch.float64, device=m.device)
+    is_ = None
+    if cfg.is_correction != "none" and cfg.is_rejected_tokens == "drop":
+        # The weights are computed on the tokens before rejection (as the reference does);
+        # the rejected ones then leave the mask, so every count below agrees with the loss.
+        is_ = _is_correction(cfg, old_logp, rollout_logp, valid, cp_group)
+        rejected = valid & (is_.weight_BT == 0)
+        valid = valid & ~rejected
+        n_rejected = rejected.sum().to(torch.float64)
+        seq_len = all_reduce_sum(valid.sum(-1).to(torch.float64), cp_group)
+    return _MaskInfo(valid, seq_len, bad.sum().to(torch.float64), n_dropped, n_rejected, is_)
 
 
 def effective_loss_mask(
@@ -330,9 +392,11 @@ def effective_loss_mask(
     """The boolean ``[B, T]`` mask of tokens that actually enter the loss.
 
     ``mask`` minus tokens whose rollout / old / reference log-prob or advantage is not
-    finite, and minus whole sequences holding such a token when the objective couples the
-    tokens of a sequence (sequence / cum-token ratios, sequence-level IS or veto). Feed it
-    to :func:`global_loss_counts`; :func:`compute_policy_loss` derives the same mask itself.
+    finite, minus whole sequences holding such a token when the objective couples the
+    tokens of a sequence (sequence / cum-token ratios, sequence-level IS or veto), and, with
+    ``is_rejected_tokens="drop"``, minus the tokens the IS correction rejects (MIS outside
+    ``[lower, T]``, vetoed sequences). Feed it to :func:`global_loss_counts`;
+    :func:`compute_policy_loss` derives the same mask itself.
     """
     _check_shapes(
         "mask", mask, rollout_logp=rollout_logp, old_logp=old_logp, advantages=advantages,
@@ -436,23 +500,10 @@ def _terms(
 
     is_weight = is_log_raw = veto = None
     if cfg.is_correction != "none":
-        old = _zero_where_invalid(old_logp.detach(), valid)
-        roll = _zero_where_invalid(rollout_logp.detach(), valid)
-        x = old - roll
-        if cfg.is_level == "sequence":
-            is_log_raw = all_reduce_sum(x.sum(-1), cp_group).unsqueeze(-1).expand_as(x)
-        else:
-            is_log_raw = x
-        w = torch.exp(is_log_raw.clamp(-_IS_LOG_BOUND, _IS_LOG_BOUND))
-        if cfg.is_correction == "tis":
-            w = w.clamp(max=cfg.is_threshold)
-        else:
-            w = w * ((w >= cfg.is_lower) & (w <= cfg.is_threshold)).to(w.dtype)
-        if cfg.is_veto_threshold is not None:
-            low = (x < math.log(cfg.is_veto_threshold)) & valid
-            veto = all_reduce_sum(low.sum(-1).to(torch.float64), cp_group) > 0
-            w = torch.where(veto.unsqueeze(-1), torch.zeros_like(w), w)
-        is_weight = torch.where(valid, w, torch.zeros_like(w))
+        is_ = info.is_ if info.is_ is not None else _is_correction(
+            cfg, old_logp, rollout_logp, valid, cp_group
+        )
+        is_weight, is_log_raw, veto = is_
     return _Terms(info, lp, log_ratio, adv, is_weight, is_log_raw, veto)
 
 
@@ -539,6 +590,7 @@ def compute_policy_loss(
         "policy/n_tokens": valid.sum().to(torch.float64),
         "policy/n_nonfinite_tokens": t.info.n_nonfinite_tokens,
         "policy/n_dropped_seqs": t.info.n_dropped_seqs,
+        "policy/n_rejected_tokens": t.info.n_rejected_tokens,
     }
     if kl is not None:
         metrics["policy/kl_ref"] = agg(kl).detach()

@@ -34,6 +34,7 @@ Exponentials of summed log-ratios are clamped to [-20, 20] in log space.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -120,7 +121,10 @@ class MismatchMetrics:
                 torch.ones_like(delta), torch.zeros_like(delta)]
         flags = torch.zeros((m.shape[0], 3), dtype=torch.float64, device=m.device)
         if cfg is not None:
-            t = _terms(cfg, logp, old_logp, rollout_logp, advantages, valid, None, None,
+            # Metrics describe every valid token, whatever the loss does with rejected ones
+            # (is_rejected_tokens="drop" takes them out of the loss mask, not out of view).
+            seen = dataclasses.replace(cfg, is_rejected_tokens="zero-weight")
+            t = _terms(seen, logp, old_logp, rollout_logp, advantages, valid, None, None,
                        cp_group, cp_layout)
             cols[1], cols[2] = t.log_ratio_BT, t.adv_BT
             if t.is_weight_BT is not None:

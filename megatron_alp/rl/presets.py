@@ -16,7 +16,11 @@ from megatron_alp.rl.losses import PolicyLossConfig, register_policy_loss
 _GRPO_CLIP = dict(clip_low=0.2, clip_high=0.28, dual_clip_c=10.0)
 _ALP_CLIP = dict(clip_low=0.5, clip_high=3.0, dual_clip_c=10.0)
 # IS thresholds: verl's default upper threshold; MIS lower threshold defaults to 1 / T.
-_IS = dict(is_threshold=2.0)
+# Rejected tokens (MIS outside [lower, T], vetoed sequences) leave the loss mask and the
+# token-mean count, as in the reference's single-turn code and verl's rejection sampling
+# (the paper's single-turn runs); its multi-turn code kept them in the count with weight 0:
+# override ``is_rejected_tokens="zero-weight"`` for that recipe.
+_IS = dict(is_threshold=2.0, is_rejected_tokens="drop")
 
 
 @register_policy_loss("grpo")
@@ -66,13 +70,13 @@ def seq_tis() -> PolicyLossConfig:
 
 @register_policy_loss("token-mis")
 def token_mis() -> PolicyLossConfig:
-    """GRPO with token-level masked IS: ``w`` kept inside ``[1/T, T]``, zeroed outside."""
+    """GRPO with token-level masked IS: ``w`` kept inside ``[1/T, T]``, tokens outside dropped."""
     return PolicyLossConfig(is_correction="mis", is_level="token", **_IS, **_GRPO_CLIP)
 
 
 @register_policy_loss("seq-mis")
 def seq_mis() -> PolicyLossConfig:
-    """GRPO with sequence-level masked IS."""
+    """GRPO with sequence-level masked IS (a rejected sequence leaves the loss mask)."""
     return PolicyLossConfig(is_correction="mis", is_level="sequence", **_IS, **_GRPO_CLIP)
 
 

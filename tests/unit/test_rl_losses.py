@@ -30,7 +30,7 @@ _G = dict(clip_low=0.2, clip_high=0.28, dual_clip_c=10.0, log_ratio_min=-20.0, l
 _A = dict(clip_low=0.5, clip_high=3.0, dual_clip_c=10.0, log_ratio_min=-20.0, log_ratio_max=20.0)
 _BASE = dict(is_correction="none", is_level="token", is_threshold=2.0, is_lower_threshold=None,
              is_veto_threshold=None, aggregation="token-mean", kl_coef=0.0, kl_estimator="k3",
-             entropy_coef=0.0, perturbation="off")
+             entropy_coef=0.0, perturbation="off", is_rejected_tokens="zero-weight")
 EXPECTED = {
     "grpo": {**_BASE, **_G, "ratio_level": "token", "denominator": "old"},
     "gspo": {**_BASE, "ratio_level": "geo-sequence", "denominator": "old", "clip_low": 3e-4,
@@ -38,12 +38,15 @@ EXPECTED = {
              "aggregation": "seq-mean-token-mean"},
     "seq-bypass": {**_BASE, **_A, "ratio_level": "sequence", "denominator": "rollout",
                    "log_ratio_min": None, "log_ratio_max": 10.0},
-    "token-tis": {**_BASE, **_G, "ratio_level": "token", "denominator": "old", "is_correction": "tis"},
+    # The IS baselines follow the reference's single-turn code: rejected tokens leave the mask.
+    "token-tis": {**_BASE, **_G, "ratio_level": "token", "denominator": "old", "is_correction": "tis",
+                  "is_rejected_tokens": "drop"},
     "seq-tis": {**_BASE, **_G, "ratio_level": "token", "denominator": "old", "is_correction": "tis",
-                "is_level": "sequence"},
-    "token-mis": {**_BASE, **_G, "ratio_level": "token", "denominator": "old", "is_correction": "mis"},
+                "is_level": "sequence", "is_rejected_tokens": "drop"},
+    "token-mis": {**_BASE, **_G, "ratio_level": "token", "denominator": "old", "is_correction": "mis",
+                  "is_rejected_tokens": "drop"},
     "seq-mis": {**_BASE, **_G, "ratio_level": "token", "denominator": "old", "is_correction": "mis",
-                "is_level": "sequence"},
+                "is_level": "sequence", "is_rejected_tokens": "drop"},
     "token-alp": {**_BASE, **_A, "ratio_level": "token", "denominator": "rollout", "perturbation": "alp"},
     "seq-alp": {**_BASE, **_A, "ratio_level": "sequence", "denominator": "rollout", "perturbation": "alp"},
     "cum-token-alp": {**_BASE, **_A, "ratio_level": "cum-token", "denominator": "rollout",
@@ -84,19 +87,12 @@ def ref_loss(p, lp, old, roll, adv, mask, ref=None, ent=None, n_tok=None, n_seq=
             bad_seq |= not ok
         if bad_seq and coupled:
             valid[b, :] = False
-    lengths = valid.sum(1)
-    N_tok = n_tok if n_tok is not None else lengths.sum()
-    N_seq = n_seq if n_seq is not None else (lengths > 0).sum()
-    loss, grad = 0.0, np.zeros((B, T))
-    for b in range(B):
-        ts = [t for t in range(T) if valid[b, t]]
-        if not ts:
-            continue
-        den = roll if p["denominator"] == "rollout" else old
-        d = {t: lp[b, t] - den[b, t] for t in ts}
-        # IS weight
-        w = {t: 1.0 for t in ts}
-        if p["is_correction"] != "none":
+    # IS weights on the tokens valid so far; "drop" then removes the rejected (w = 0) ones
+    # from everything: lengths, counts, the ratio's sequence sums, KL and entropy terms.
+    W = np.ones((B, T))
+    if p["is_correction"] != "none":
+        for b in range(B):
+            ts = [t for t in range(T) if valid[b, t]]
             x = {t: old[b, t] - roll[b, t] for t in ts}
             seq_x = sum(x.values())
             for t in ts:
@@ -108,9 +104,22 @@ def ref_loss(p, lp, old, roll, adv, mask, ref=None, ent=None, n_tok=None, n_seq=
                     lo = p["is_lower_threshold"]
                     lo = 1.0 / p["is_threshold"] if lo is None else lo
                     wt = wt if lo <= wt <= p["is_threshold"] else 0.0
-                w[t] = wt
+                W[b, t] = wt
             if p["is_veto_threshold"] and any(x[t] < math.log(p["is_veto_threshold"]) for t in ts):
-                w = {t: 0.0 for t in ts}
+                W[b, :] = 0.0
+        if p["is_rejected_tokens"] == "drop":
+            valid &= W != 0.0
+    lengths = valid.sum(1)
+    N_tok = n_tok if n_tok is not None else lengths.sum()
+    N_seq = n_seq if n_seq is not None else (lengths > 0).sum()
+    loss, grad = 0.0, np.zeros((B, T))
+    for b in range(B):
+        ts = [t for t in range(T) if valid[b, t]]
+        if not ts:
+            continue
+        den = roll if p["denominator"] == "rollout" else old
+        d = {t: lp[b, t] - den[b, t] for t in ts}
+        w = {t: W[b, t] for t in ts}
         A = adv[b]
         running = 0.0
         for t in ts:
@@ -196,7 +205,14 @@ VARIANTS = [(name, {}) for name in EXPECTED] + [
     ("seq-alp", {"aggregation": "seq-mean-token-mean"}),
     ("token-alp", {"dual_clip_c": None, "log_ratio_min": None, "log_ratio_max": 5.0}),
     ("token-mis", {"is_lower_threshold": 0.0, "is_veto_threshold": 0.5}),
+    ("token-mis", {"is_veto_threshold": 0.5, "is_rejected_tokens": "zero-weight"}),
+    ("token-mis", {"kl_coef": 0.1, "entropy_coef": 0.01}),
+    ("token-mis", {"ratio_level": "sequence"}),  # drop: rejected tokens leave the sequence sum
+    ("token-mis", {"aggregation": "seq-mean-token-mean"}),
+    ("seq-mis", {"is_rejected_tokens": "zero-weight"}),
+    ("seq-mis", {"is_veto_threshold": 0.5, "aggregation": "seq-mean-token-sum"}),
     ("seq-tis", {"is_veto_threshold": 0.5, "is_threshold": 5.0}),
+    ("seq-tis", {"is_veto_threshold": 0.5, "is_rejected_tokens": "zero-weight"}),
     ("gspo", {"denominator": "rollout", "aggregation": "token-mean"}),
     ("gspo", {"clip_low": 0.5, "clip_high": 3.0}),  # unclipped: the 1/L of row 5 matters
     ("cum-token-alp", {"denominator": "old", "log_ratio_max": 2.0}),
@@ -249,16 +265,23 @@ def test_entropy_bonus_gradient_flows_into_the_entropy():
     torch.testing.assert_close(m["policy/entropy"], ent.detach()[mask].mean())
 
 
-@pytest.mark.parametrize("name", ["grpo", "seq-alp", "gspo", "seq-mis", "cum-token-alp"])
+@pytest.mark.parametrize("name", ["grpo", "seq-alp", "gspo", "seq-mis", "token-mis", "cum-token-alp"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
 def test_microbatches_give_the_whole_batch_gradient(name, agg):
     lp, old, roll, adv, mask, _, _ = make_batch(seed=3, B=8, T=6)
     adv = np.resize(adv, 8)
     cfg = policy_loss_config(name, aggregation=agg)
     whole_loss, whole_grad, _ = run_impl(cfg, lp, old, roll, adv, mask)
+    f = lambda a: torch.tensor(a, dtype=torch.float32)
     for k in (1, 2, 4):
         chunks = np.array_split(np.arange(8), k)
-        n_tok, n_seq = global_loss_counts([torch.tensor(mask[c]) for c in chunks])
+        # The documented recipe: counts from the effective masks (for the MIS presets these
+        # lack the rejected tokens, so the raw masks would give the wrong denominators).
+        n_tok, n_seq = global_loss_counts([
+            effective_loss_mask(cfg, torch.tensor(mask[c]), rollout_logp=f(roll[c]),
+                                old_logp=f(old[c]), advantages=f(adv[c]))
+            for c in chunks
+        ])
         total, grad = 0.0, np.zeros_like(whole_grad)
         for c in chunks:
             l, g, _ = run_impl(cfg, lp[c], old[c], roll[c], adv[c], mask[c],
@@ -306,6 +329,47 @@ def test_dropped_sequences_counted():
     _, _, m = run_impl(policy_loss_config("seq-alp"), lp, old, roll, adv, mask)
     assert m["policy/n_dropped_seqs"].item() == 2
     assert m["policy/n_tokens"].item() == mask.sum() - 10
+
+
+# ----------------------------------------------------------------------------- rejected tokens
+@pytest.mark.parametrize("name,over", [("token-mis", {}), ("seq-mis", {}),
+                                       ("token-tis", {"is_veto_threshold": 0.5})])
+def test_drop_rescales_the_gradient_by_n_over_n_kept(name, over):
+    """token-mean: "drop" divides by the kept tokens, "zero-weight" by all valid ones, and
+    nothing else differs (no KL / entropy term): grad_drop = grad_zero * N / N_kept."""
+    lp, old, roll, adv, mask, _, _ = make_batch(seed=11, B=8, T=6)
+    adv = np.resize(adv, 8)
+    old = old.copy()
+    old[6, :] = roll[6, :] + 1.5  # a sequence far outside [1/2, 2]: rejected by both MIS levels
+    old[2, 3] = roll[2, 3] - 1.0  # one token below 1/2 (token MIS) and below the 0.5 veto
+    drop = policy_loss_config(name, **over)
+    zero = dataclasses.replace(drop, is_rejected_tokens="zero-weight")
+    f = lambda a: torch.tensor(a, dtype=torch.float32)
+    eff = effective_loss_mask(drop, torch.tensor(mask), rollout_logp=f(roll), old_logp=f(old),
+                              advantages=f(adv))
+    n, n_kept = int(mask.sum()), int(eff.sum())
+    assert 0 < n_kept < n - 5  # the batch really rejects tokens
+    assert eff.sum() == (eff & torch.tensor(mask)).sum()
+    assert not eff[2 if drop.is_veto_threshold else 6].any()  # vetoed / MIS-rejected sequence
+    assert global_loss_counts(eff) == (n_kept, int((eff.sum(-1) > 0).sum()))
+    loss_d, grad_d, m_d = run_impl(drop, lp, old, roll, adv, mask)
+    loss_z, grad_z, m_z = run_impl(zero, lp, old, roll, adv, mask)
+    assert m_d["policy/n_tokens"].item() == n_kept and m_z["policy/n_tokens"].item() == n
+    assert m_d["policy/n_rejected_tokens"].item() == n - n_kept
+    assert m_z["policy/n_rejected_tokens"].item() == 0
+    assert np.abs(grad_z).max() > 1e-3
+    np.testing.assert_allclose(grad_d, grad_z * n / n_kept, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(loss_d, loss_z * n / n_kept, rtol=1e-5, atol=1e-8)
+    # Both against the float64 NumPy oracle.
+    for cfg, loss, grad in ((drop, loss_d, grad_d), (zero, loss_z, grad_z)):
+        want_loss, want_grad = ref_loss(dataclasses.asdict(cfg), lp, old, roll, adv, mask)
+        np.testing.assert_allclose(loss, want_loss, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-7)
+
+
+def test_rejected_tokens_field_is_validated():
+    with pytest.raises(ValueError, match=r"is_rejected_tokens='mask' is not one of \('zero-weight', 'drop'\)"):
+        PolicyLossConfig(is_rejected_tokens="mask")
 
 
 # ----------------------------------------------------------------------------- user errors
