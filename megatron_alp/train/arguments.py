@@ -542,6 +542,8 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         raise ValueError(f"--save-interval={args.save_interval} is invalid; expected >= 1")
     if args.save_interval and not args.save:
         raise ValueError("--save-interval needs --save DIR")
+    if args.save and args.save_interval is None:
+        args.save_interval = args.train_iters  # megatron requires one; ours: save at the end
     if args.exit_signal_handler and not args.save:
         raise ValueError("--exit-signal-handler saves a checkpoint before exiting: it needs --save DIR")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:

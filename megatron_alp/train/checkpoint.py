@@ -183,6 +183,8 @@ def save_checkpoint(save: Path, step: int, policy: Any, trainer_state: dict[str,
         with open(tmp / "trainer_state.pt.part", "wb") as f:
             pickle.dump(trainer_state, f)
         os.replace(tmp / "trainer_state.pt.part", tmp / "trainer_state.pt")
+        if "config" in trainer_state:  # the effective configuration, readable without Python
+            (tmp / "config.json").write_text(str(trainer_state["config"]) + "\n")
     dist.barrier()
     final = iter_dir(save, step)
     if rank == 0:

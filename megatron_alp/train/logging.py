@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ class RunLogger:
 
         if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
             os.environ["WANDB_MODE"] = "offline"  # no credentials: keep the run locally
-        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        self.wandb_id = self.wandb_id or uuid.uuid4().hex[:8]
         self._wandb = wandb.init(
             project=self.cfg.wandb_project,
             name=self.cfg.wandb_exp_name,
