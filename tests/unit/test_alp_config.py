@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -88,6 +89,26 @@ def test_sigma_param_is_fp32_named_tagged_and_survives_half_casts():
     assert list(fixed.named_parameters()) == [] and "alp_log_sigma" in fixed.state_dict()
     off = LayerPerturbation(_tconfig(), layer_number=1, alp_config=ALPConfig(layer_start=2))
     assert not off.active and off.state_dict() == {}
+
+
+def test_half_casts_keep_log_sigmas_fp32_value_exactly():
+    """Float16Module's model.bfloat16() must not round sigma: 0.02 became 0.020116 (issue 9)."""
+    from megatron.core.transformer.module import Float16Module
+
+    want = torch.tensor(math.log(0.02), dtype=torch.float32)
+    assert want.bfloat16().float() != want  # the cast would change the value
+    for learnable in (True, False):
+        cfg = ALPConfig(init_std=0.02, learnable=learnable)
+        inner = torch.nn.Sequential(
+            torch.nn.Linear(4, 4), LayerPerturbation(_tconfig(), layer_number=2, alp_config=cfg)
+        )
+        wrapped = Float16Module(_tconfig(bf16=True), inner)
+        assert inner[0].weight.dtype == torch.bfloat16  # the rest of the model was cast
+        log_sigma = wrapped.module[1].alp_log_sigma
+        assert log_sigma.dtype == torch.float32 and torch.equal(log_sigma.detach(), want)
+        assert isinstance(log_sigma, torch.nn.Parameter) is learnable
+        inner.half().float().bfloat16()  # repeated casts, fp16 included
+        assert torch.equal(inner[1].alp_log_sigma.detach(), want)
 
 
 def test_is_alp_param():
