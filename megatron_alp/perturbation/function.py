@@ -87,7 +87,7 @@ class _AddNoise(torch.autograd.Function):
 
 
 def add_noise(h: torch.Tensor, log_sigma: torch.Tensor, site: NoiseSite, kernel: NoiseKernel) -> torch.Tensor:
-    """``h + exp(log_sigma).to(h.dtype) * eps(site).to(h.dtype)``, differentiable in both inputs.
+    """``(h + exp(log_sigma) * eps(site)).to(h.dtype)``, summed in fp32, differentiable in both inputs.
 
     ``h`` is ``[s_local, batch, hidden]`` (Megatron's sequence-first layout).
     """

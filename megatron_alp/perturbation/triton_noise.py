@@ -1,6 +1,7 @@
 """Fused Triton kernels for ALP on CUDA: the same counters as the torch reference.
 
-``triton_add`` reads ``h`` once and writes ``h + sigma * eps`` once; ``triton_dot``
+``triton_add`` reads ``h`` once and writes ``h + sigma * eps`` once (summed in float32,
+rounded once to ``h``'s dtype); ``triton_dot``
 reads ``grad`` once and returns ``sum(grad * eps)`` (float32) through per-program
 partial sums (no atomics, so the result is deterministic). The integer pipeline is the
 one of :mod:`megatron_alp.perturbation.noise` step for step (int64 holding 32-bit
@@ -45,7 +46,9 @@ def _normal_pair(lane_a_ptr, lane_b_ptr, row, j, mask):
 
 
 @triton.jit
-def _add_kernel(h_ptr, out_ptr, sigma_ptr, lane_a_ptr, lane_b_ptr, half, BLOCK_J: tl.constexpr):
+def _add_kernel(
+    h_ptr, out_ptr, sigma_ptr, lane_a_ptr, lane_b_ptr, half, BLOCK_J: tl.constexpr, F64: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask = j < half
@@ -53,9 +56,17 @@ def _add_kernel(h_ptr, out_ptr, sigma_ptr, lane_a_ptr, lane_b_ptr, half, BLOCK_J
     base = row * (2 * half)
     h0 = tl.load(h_ptr + base + j, mask=mask)
     h1 = tl.load(h_ptr + base + half + j, mask=mask)
-    scale = tl.load(sigma_ptr).to(h0.dtype)
-    tl.store(out_ptr + base + j, h0 + scale * z0.to(h0.dtype), mask=mask)
-    tl.store(out_ptr + base + half + j, h1 + scale * z1.to(h1.dtype), mask=mask)
+    # h + sigma * eps in float32, rounded once to h's dtype by the store (kernels.py doc)
+    if F64:  # float64 activations keep float64 (like the torch reference)
+        scale = tl.load(sigma_ptr).to(tl.float64)
+        out0 = h0.to(tl.float64) + scale * z0.to(tl.float64)
+        out1 = h1.to(tl.float64) + scale * z1.to(tl.float64)
+    else:
+        scale = tl.load(sigma_ptr).to(tl.float32)
+        out0 = h0.to(tl.float32) + scale * z0
+        out1 = h1.to(tl.float32) + scale * z1
+    tl.store(out_ptr + base + j, out0.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + base + half + j, out1.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -91,8 +102,8 @@ def triton_add(h: torch.Tensor, sigma: torch.Tensor, lane_a: torch.Tensor, lane_
         return out
     grid = (rows, triton.cdiv(half, _BLOCK_J))
     _add_kernel[grid](
-        h, out, sigma.reshape(1).float().contiguous(), lane_a.reshape(-1).contiguous(),
-        lane_b.reshape(-1).contiguous(), half, BLOCK_J=_BLOCK_J,
+        h, out, sigma.reshape(1).to(torch.float64 if h.dtype == torch.float64 else torch.float32).contiguous(), lane_a.reshape(-1).contiguous(),
+        lane_b.reshape(-1).contiguous(), half, BLOCK_J=_BLOCK_J, F64=h.dtype == torch.float64,
     )
     return out
 

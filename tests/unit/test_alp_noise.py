@@ -153,6 +153,19 @@ for hidden in (64, 1030):  # one block of pairs, and three (the last one masked)
     assert d < 1e-5, d
     t, e = triton_noise.triton_dot(g, a, b).item(), eager_dot(g, a, b).item()
     assert abs(t - e) < 1e-4 * max(1.0, abs(e)), (t, e)
+# bf16: h + sigma * eps summed in fp32 and rounded once (issue 13.7); the kernel's own eps
+# (its fp32 math library may differ from torch's by ulps) comes from h = 0, sigma = 1
+eps = triton_noise.triton_add(torch.zeros(3, 2, 1030), torch.tensor(1.0), a, b)
+h = (0.5 + torch.rand(3, 2, 1030) / 2).bfloat16()
+s = torch.tensor(0.02)
+out = triton_noise.triton_add(h, s, a, b)
+# Triton's interpreter converts fp32 -> bf16 by truncation (the compiled kernel's fptrunc
+# rounds to nearest even; tests/gpu checks that): one truncation of the fp32 sum here
+rtz = ((h.float() + s * eps).view(torch.int32) & -65536).view(torch.float32).bfloat16()
+assert out.dtype == torch.bfloat16 and torch.equal(out, rtz)
+h64 = torch.randn(3, 2, 64, dtype=torch.float64)
+d = (triton_noise.triton_add(h64, s, a, b) - eager_add(h64, s, a, b)).abs().max().item()
+assert d < 1e-6, d
 print("ok")
 """
 
