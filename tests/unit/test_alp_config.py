@@ -22,6 +22,7 @@ from megatron_alp.perturbation import (
     current_coords,
     is_alp_param,
     perturbed,
+    step_key,
     with_alp,
 )
 
@@ -173,3 +174,23 @@ def test_perturbed_context_nests_restores_and_validates():
             pass
     assert current_coords() is None
     assert dataclasses.is_dataclass(outer)
+
+
+def test_inference_rng_tracker_is_refused_not_silently_ignored():
+    """Issue 13.4: Megatron's inference tracker ignores add / fork / set_states, so ALP
+    would be silently off and the step key drawn from the default generator."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    try:
+        assert tensor_parallel.get_cuda_rng_tracker().is_inference_rng_tracker
+        with pytest.raises(RuntimeError, match=r"inference_rng_tracker=True.*ALP would be silently off"):
+            with perturbed(key=1, step=0, sample_offset=0):
+                pass
+        with pytest.raises(RuntimeError, match=r"inference_rng_tracker=True"):
+            step_key(0)
+    finally:
+        mpu_random.initialize_rng_tracker(force_reset=True)
+    with perturbed(key=1, step=0, sample_offset=0):  # a training tracker works again
+        assert current_coords() is not None
