@@ -21,7 +21,7 @@ compiled once with dynamic shapes; inductor emits C++ on CPU and Triton on GPU),
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -38,6 +38,10 @@ class NoiseKernel(NamedTuple):
     name: str
     add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     dot: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    add_at: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
+    """``add`` from a ``NoiseSite`` (row keys computed inside the kernel), where available."""
+    dot_at: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    """``dot`` from a ``NoiseSite``, where available."""
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -97,7 +101,10 @@ def _compiled() -> NoiseKernel:
 def _triton() -> NoiseKernel:
     from megatron_alp.perturbation import triton_noise
 
-    return NoiseKernel("triton", triton_noise.triton_add, triton_noise.triton_dot)
+    return NoiseKernel(
+        "triton", triton_noise.triton_add, triton_noise.triton_dot,
+        triton_noise.triton_add_at, triton_noise.triton_dot_at,
+    )
 
 
 _EAGER = NoiseKernel("torch", eager_add, eager_dot)
