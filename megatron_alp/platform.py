@@ -2,12 +2,13 @@
 
 On a machine with CUDA this module does nothing beyond answering ``backend() == "nccl"``
 and ``device() == cuda:<local rank mod visible GPUs>``. Without CUDA (laptops, CI, the
-embedded demo) it switches megatron-core onto the CPU with gloo. ``MEGATRON_ALP_FORCE_CPU=1``
-in the environment (read here and nowhere else, by :func:`force_cpu`) makes a machine with
-CUDA behave as one without: gloo, the CPU, the CPU backend below — for running the CPU
-test tiers on a GPU host, or more ranks than it has GPUs (``RankGroup`` sets it then). megatron-core 0.19 assumes a GPU in a
-handful of places; this is the one sanctioned module that works around them, and every
-redirect is listed here with the reason:
+embedded demo) it switches megatron-core onto the CPU with gloo.
+``MEGATRON_ALP_FORCE_CPU=1`` in the environment (read here and nowhere else, by
+:func:`force_cpu`) makes a machine with CUDA behave as one without: gloo, the CPU, the
+CPU backend below — for running the CPU test tiers on a GPU host, or more ranks than it
+has GPUs (``RankGroup`` sets it then). megatron-core 0.19 assumes a GPU in a handful of
+places; this is the one sanctioned module that works around them, and every redirect is
+listed here with the reason:
 
 1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` in tensor factories, and
    ``Tensor.cuda()`` / ``Tensor.to("cuda")``: rewritten to the CPU by a
@@ -34,8 +35,8 @@ redirect is listed here with the reason:
    ``torch.cuda.is_available()`` answers False, so megatron-core's own CUDA checks take
    their CPU branches.
 
-None of this is active when CUDA is present (and not forced off), and nothing here changes numerics: the same
-ops run on the CPU. Call :func:`activate` once per process (``parallel.init_distributed``
+None of this is active when CUDA is present (and not forced off), and nothing here
+changes numerics: the same ops run on the CPU. Call :func:`activate` once per process (``parallel.init_distributed``
 does) before megatron-core builds anything.
 """
 
