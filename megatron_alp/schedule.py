@@ -77,8 +77,6 @@ def wrap_ddp(
     if overlap_grad_reduce and align_grad_reduce:
         syncs = [m.start_grad_sync for m in wrapped]
         config.grad_sync_func = syncs if len(syncs) > 1 else syncs[0]
-    else:
-        config.grad_sync_func = None
     return wrapped
 
 
