@@ -71,3 +71,11 @@ def test_device_is_selected_even_when_torch_distributed_is_already_up(cuda_host,
     finally:
         dist.destroy_process_group()
     assert cuda_host == [torch.device("cuda", 1)]
+
+
+def test_cpu_backend_stays_inert_where_cuda_is_used(cuda_host):
+    if platform.cpu_backend_active():
+        pytest.skip("the CPU backend was activated earlier in this process")
+    current_device = torch.cuda.current_device
+    assert platform.activate() is False
+    assert not platform.cpu_backend_active() and torch.cuda.current_device is current_device
