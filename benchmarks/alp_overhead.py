@@ -196,7 +196,11 @@ def _noise_op_times(
         if v in variants:
             k = get_kernel(name, device)
 
-            def alp_op(k=k):
+            def alp_op(k=k):  # the calls add_noise makes (row keys in-kernel where possible)
+                if k.add_at is not None:
+                    k.add_at(h, sigma, site)
+                    k.dot_at(g, site)
+                    return
                 a, b = site.lanes(device)
                 k.add(h, sigma, a, b)
                 a, b = site.lanes(device)
@@ -226,19 +230,31 @@ def _noise_op_times(
     return out
 
 
-def _kernel_bandwidth(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def _kernel_bandwidth(device: torch.device, dtype: torch.dtype, rounds: int = 7) -> dict[str, Any]:
+    """GB/s of the fused kernels vs ``copy_`` of the same tensor, in interleaved rounds.
+
+    ``add`` / ``dot`` take row keys computed on the host (``site.lanes``, included in the
+    time, as ``add_noise`` used to call them); ``add_at`` / ``dot_at`` compute them inside
+    the kernel. Each round times every variant once (A B C ... A B C ...); min and median
+    over rounds, and each variant's min-time ratio to ``copy_``.
+    """
     from megatron_alp.perturbation.function import NoiseSite
-    from megatron_alp.perturbation.triton_noise import triton_add, triton_dot
+    from megatron_alp.perturbation.triton_noise import triton_add, triton_add_at, triton_dot, triton_dot_at
 
     s, b, h = 4096, 8, 4096
     x = torch.randn(s, b, h, device=device, dtype=dtype)
     site = NoiseSite(key=1, step=0, layer=1, sample_offset=0, batch=b, s_local=s)
-    a, bb = site.lanes(device)
     sigma = torch.tensor(0.01, device=device)
     out = torch.empty_like(x)
+    variants: dict[str, tuple[Callable[[], Any], int]] = {
+        "copy_": (lambda: out.copy_(x), 2),
+        "add (host row keys)": (lambda: triton_add(x, sigma, *site.lanes(device)), 2),
+        "add_at (in-kernel keys)": (lambda: triton_add_at(x, sigma, site), 2),
+        "dot (host row keys)": (lambda: triton_dot(x, *site.lanes(device)), 1),
+        "dot_at (in-kernel keys)": (lambda: triton_dot_at(x, site), 1),
+    }
 
-    def timed(fn: Callable[[], Any], n: int = 20) -> float:
-        fn()
+    def timed(fn: Callable[[], Any], n: int = 10) -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(n):
@@ -246,17 +262,23 @@ def _kernel_bandwidth(device: torch.device, dtype: torch.dtype) -> dict[str, flo
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / n
 
-    nbytes = 2 * x.numel() * x.element_size()
-    t_add = timed(lambda: triton_add(x, sigma, a, bb))
-    t_dot = timed(lambda: triton_dot(x, a, bb))
-    t_copy = timed(lambda: out.copy_(x))
-    return {
-        "shape": [s, b, h],
-        "dtype": str(dtype),
-        "fused_add_GBps": nbytes / t_add / 1e9,
-        "dot_read_GBps": nbytes / 2 / t_dot / 1e9,
-        "copy_GBps": nbytes / t_copy / 1e9,
-    }
+    for fn, _ in variants.values():
+        fn()  # compile / warm up
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (fn, _) in variants.items():
+            times[name].append(timed(fn))
+    result: dict[str, Any] = {"shape": [s, b, h], "dtype": str(dtype), "rounds": rounds}
+    t_copy = min(times["copy_"])
+    for name, (_, passes) in variants.items():
+        nbytes = passes * x.numel() * x.element_size()  # reads + writes of x
+        result[name] = {
+            "min_ms": 1e3 * min(times[name]),
+            "median_ms": 1e3 * statistics.median(times[name]),
+            "GBps": nbytes / min(times[name]) / 1e9,
+            "time_vs_copy": min(times[name]) / t_copy,
+        }
+    return result
 
 
 def main() -> None:
@@ -384,7 +406,12 @@ def main() -> None:
         else:
             bw = _kernel_bandwidth(device, torch.bfloat16)
             out["kernel_bandwidth"] = bw
-            print(f"fused kernel: {json.dumps(bw)}")
+            print(f"\nfused kernel on {bw['shape']} {bw['dtype']}, {bw['rounds']} interleaved rounds:")
+            print("| kernel | min ms | median ms | GB/s (min) | time / copy_ |\n|---|---|---|---|---|")
+            for name, r in bw.items():
+                if isinstance(r, dict):
+                    print(f"| {name} | {r['min_ms']:.3f} | {r['median_ms']:.3f} | {r['GBps']:.0f} "
+                          f"| {r['time_vs_copy']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -8,12 +8,18 @@ starts its processes once and then runs many bodies on them::
 
 A body is a module-level function (it is pickled by reference); it runs with
 torch.distributed initialised (gloo on CPU, the CPU backend of ``megatron_alp.platform``
-active) and sets up its own Megatron layout, e.g. ``with parallel.model_parallel(cfg):``.
+active; NCCL with one GPU per rank where the machine has enough GPUs) and sets up its own
+Megatron layout, e.g. ``with parallel.model_parallel(cfg):``.
 It returns something picklable. If any rank raises, the group is killed and
 :class:`RankFailure` carries that rank's traceback; if the ranks do not all answer within
 the timeout (a hang in a collective), the group is killed and ``TimeoutError`` names the
 silent ranks. A killed group restarts by itself on the next ``run``, so one failing test
 does not take the rest of a module down.
+
+On a machine with CUDA, ranks use NCCL and GPU ``rank`` only when there are at least
+``world_size`` visible GPUs; with fewer (e.g. ``RankGroup(4)`` on a 1-2 GPU machine) the
+group runs on gloo + CPU, by setting ``MEGATRON_ALP_FORCE_CPU=1`` in the ranks
+(``force_cpu=`` chooses explicitly).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["RankFailure", "RankGroup", "free_port", "run_on_ranks"]
+__all__ = ["RankFailure", "RankGroup", "free_port", "run_on_ranks", "visible_gpus"]
 
 _POLL_S = 0.2
 
@@ -59,6 +65,17 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process may use (0 without CUDA or under ``MEGATRON_ALP_FORCE_CPU``)."""
+    import torch
+
+    from megatron_alp import platform
+
+    if platform.force_cpu() or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
 def _worker(
     rank: int,
     world_size: int,
@@ -66,14 +83,19 @@ def _worker(
     threads: int,
     tasks: mp.Queue,
     results: mp.Queue,
+    force_cpu: bool = False,
 ) -> None:
     _exit_with_parent()
+    from megatron_alp.platform import FORCE_CPU_ENV
+
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
+        # one node: local rank = rank, i.e. GPU `rank` when the group runs on GPUs
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
+        **{FORCE_CPU_ENV: "1" if force_cpu else "0"},
     )
     try:
         import torch
@@ -103,11 +125,32 @@ def _worker(
 
 
 class RankGroup:
-    """A persistent group of ``world_size`` gloo ranks (see the module docstring)."""
+    """A persistent group of ``world_size`` ranks (see the module docstring).
 
-    def __init__(self, world_size: int, *, timeout_s: float = 300.0, start_timeout_s: float = 120.0):
+    ``force_cpu``: True runs gloo + CPU whatever the machine; False uses the GPUs where
+    CUDA is visible (NCCL, GPU ``rank`` per rank; ValueError if there are fewer GPUs than
+    ranks); None (default) uses the GPUs only when there is one per rank.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        *,
+        timeout_s: float = 300.0,
+        start_timeout_s: float = 120.0,
+        force_cpu: bool | None = None,
+    ):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        gpus = visible_gpus()
+        if force_cpu is None:
+            force_cpu = world_size > gpus
+        elif not force_cpu and 0 < gpus < world_size:
+            raise ValueError(
+                f"RankGroup(world_size={world_size}, force_cpu=False) needs one GPU per rank, "
+                f"but {gpus} are visible; use force_cpu=None or True to run on gloo + CPU"
+            )
+        self.force_cpu = bool(force_cpu)
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
@@ -141,7 +184,8 @@ class RankGroup:
         self._procs = [
             self._ctx.Process(
                 target=_worker,
-                args=(r, self.world_size, port, threads, self._tasks[r], self._results),
+                args=(r, self.world_size, port, threads, self._tasks[r], self._results,
+                      self.force_cpu),
                 daemon=False,
                 name=f"rank{r}",
             )
@@ -225,8 +269,13 @@ class RankGroup:
 
 
 def run_on_ranks(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 300.0, **kwargs: Any
+    world_size: int,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout_s: float = 300.0,
+    force_cpu: bool | None = None,
+    **kwargs: Any,
 ) -> list[Any]:
     """One-shot: start ``world_size`` ranks, run ``fn`` on each, stop them, return results."""
-    with RankGroup(world_size, timeout_s=timeout_s) as group:
+    with RankGroup(world_size, timeout_s=timeout_s, force_cpu=force_cpu) as group:
         return group.run(fn, *args, **kwargs)

@@ -155,9 +155,14 @@ def init_distributed(
 
     ``rank``/``world_size`` default to torchrun's ``RANK``/``WORLD_SIZE`` (a single
     process when unset); the rendezvous is ``MASTER_ADDR:MASTER_PORT`` (default
-    127.0.0.1:29500). Returns ``(rank, world_size)``.
+    127.0.0.1:29500). Returns ``(rank, world_size)``. The rank's CUDA device
+    (:func:`megatron_alp.platform.device`) is made current every time, also when
+    torch.distributed was already initialised by someone else.
     """
     platform.activate()
+    # Before the early return: a process group set up elsewhere (a harness, a launcher)
+    # leaves every rank on cuda:0, where megatron-core and ALP would then allocate.
+    platform.select_device()
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     rank = rank if rank is not None else (_env_int("RANK") or 0)
@@ -166,8 +171,6 @@ def init_distributed(
         raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
     addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = master_port or _env_int("MASTER_PORT") or 29500
-    if platform.cuda_available():
-        torch.cuda.set_device(platform.device())
     torch.distributed.init_process_group(
         backend=platform.backend(),
         init_method=f"tcp://{addr}:{port}",
@@ -202,7 +205,7 @@ def _info() -> ParallelInfo:
         cp_size=ps.get_context_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
-        device=platform.device(),
+        device=platform.current_device(),
     )
 
 

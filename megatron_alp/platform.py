@@ -1,10 +1,14 @@
 """Device and backend selection; the CPU backend that lets megatron-core run without CUDA.
 
 On a machine with CUDA this module does nothing beyond answering ``backend() == "nccl"``
-and ``device() == cuda:<local rank>``. Without CUDA (laptops, CI, the embedded demo) it
-switches megatron-core onto the CPU with gloo. megatron-core 0.19 assumes a GPU in a
-handful of places; this is the one sanctioned module that works around them, and every
-redirect is listed here with the reason:
+and ``device() == cuda:<local rank mod visible GPUs>``. Without CUDA (laptops, CI, the
+embedded demo) it switches megatron-core onto the CPU with gloo.
+``MEGATRON_ALP_FORCE_CPU=1`` in the environment (read here and nowhere else, by
+:func:`force_cpu`) makes a machine with CUDA behave as one without: gloo, the CPU, the
+CPU backend below — for running the CPU test tiers on a GPU host, or more ranks than it
+has GPUs (``RankGroup`` sets it then). megatron-core 0.19 assumes a GPU in a handful of
+places; this is the one sanctioned module that works around them, and every redirect is
+listed here with the reason:
 
 1. ``device="cuda"`` / ``device=torch.cuda.current_device()`` in tensor factories, and
    ``Tensor.cuda()`` / ``Tensor.to("cuda")``: rewritten to the CPU by a
@@ -27,8 +31,12 @@ redirect is listed here with the reason:
    ``device="cuda"`` (e.g. the default causal mask). ``CheckpointFunction.backward`` and
    ``CheckpointWithoutOutput._recompute`` therefore run under a fresh instance of the mode.
 
-None of this is active when CUDA is present, and nothing here changes numerics: the same
-ops run on the CPU. Call :func:`activate` once per process (``parallel.init_distributed``
+6. Only under ``MEGATRON_ALP_FORCE_CPU=1`` on a machine with CUDA:
+   ``torch.cuda.is_available()`` answers False, so megatron-core's own CUDA checks take
+   their CPU branches.
+
+None of this is active when CUDA is present (and not forced off), and nothing here
+changes numerics: the same ops run on the CPU. Call :func:`activate` once per process (``parallel.init_distributed``
 does) before megatron-core builds anything.
 """
 
@@ -43,20 +51,49 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "CPURNGStatesTracker",
+    "FORCE_CPU_ENV",
     "activate",
     "backend",
     "cpu_backend_active",
     "cuda_available",
+    "current_device",
     "device",
+    "force_cpu",
+    "select_device",
 ]
+
+FORCE_CPU_ENV = "MEGATRON_ALP_FORCE_CPU"
+"""Environment variable: ``1`` runs gloo + CPU even where CUDA is visible (see module doc)."""
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 _ACTIVE = False
 _MODE: TorchFunctionMode | None = None
 
 
+def force_cpu() -> bool:
+    """True when ``MEGATRON_ALP_FORCE_CPU`` asks for gloo + CPU even where CUDA is visible.
+
+    The one place that reads the switch. ValueError (naming the variable) for a value
+    that is neither true (1/true/yes/on) nor false (unset, empty, 0/false/no/off).
+    """
+    value = os.environ.get(FORCE_CPU_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(
+        f"environment variable {FORCE_CPU_ENV}={os.environ[FORCE_CPU_ENV]!r} is not a boolean; "
+        "allowed: 1/true/yes/on or 0/false/no/off (or unset)"
+    )
+
+
 def cuda_available() -> bool:
-    """True when a CUDA device can be used (the production path, with NCCL)."""
-    return torch.cuda.is_available()
+    """True when a CUDA device is used (the production path, with NCCL).
+
+    False without CUDA, and under ``MEGATRON_ALP_FORCE_CPU=1``.
+    """
+    return torch.cuda.is_available() and not force_cpu()
 
 
 def backend() -> str:
@@ -64,10 +101,46 @@ def backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
 
+def _local_rank() -> int:
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable LOCAL_RANK={value!r} is not an integer") from None
+
+
 def device() -> torch.device:
-    """The device this rank computes on: ``cuda:<LOCAL_RANK>`` with CUDA, else the CPU."""
+    """The device this rank computes on: ``cuda:<LOCAL_RANK mod visible GPUs>``, else the CPU.
+
+    The modulo makes the common launches right: one GPU per local rank (LOCAL_RANK = GPU
+    index), and one *visible* GPU per rank (``CUDA_VISIBLE_DEVICES`` narrowed by the
+    scheduler: every rank uses its ``cuda:0``).
+    """
     if cuda_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", _local_rank() % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def select_device() -> torch.device:
+    """Make :func:`device` the current CUDA device (nothing to do on the CPU); return it.
+
+    Called unconditionally by ``parallel.init_distributed``, also when torch.distributed
+    was initialised by someone else: megatron-core and ALP allocate on the *current*
+    device, which otherwise stays ``cuda:0`` on every rank.
+    """
+    dev = device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def current_device() -> torch.device:
+    """The device work is placed on right now: the current CUDA device, or the CPU.
+
+    Megatron's RNG tracker forks the current device's generator; draw from it here.
+    """
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -189,6 +262,7 @@ def _install_rng_redirect() -> None:
     from megatron.core.tensor_parallel import random as mpu_random
 
     tracker_cls = _make_cpu_tracker_class()
+    megatron_initialize = mpu_random.initialize_rng_tracker
 
     def initialize_rng_tracker(
         use_te_rng_tracker: bool = False,
@@ -196,6 +270,11 @@ def _install_rng_redirect() -> None:
         use_cudagraphable_rng: bool = False,
         force_reset: bool = False,
     ) -> None:
+        if inference_rng_tracker:
+            # megatron-core's own inference tracker (add / fork / set_states are no-ops,
+            # nothing touches CUDA), so the CPU backend behaves as CUDA does there.
+            megatron_initialize(inference_rng_tracker=True, force_reset=force_reset)
+            return
         if force_reset or not mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED:
             mpu_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
             mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
@@ -234,16 +313,18 @@ def _install_recompute_redirect() -> None:
 
 
 def activate() -> bool:
-    """Switch this process onto the CPU backend if CUDA is absent; idempotent.
+    """Switch this process onto the CPU backend if CUDA is absent (or forced off); idempotent.
 
     Returns True when the CPU backend is (now) active, False on a CUDA machine, where
     nothing is changed.
     """
     global _ACTIVE, _MODE
-    if cuda_available():
-        return False
     if _ACTIVE:
         return True
+    if cuda_available():
+        return False
+    if torch.cuda.is_available():  # CUDA visible but forced off (redirect 6)
+        torch.cuda.is_available = lambda: False  # type: ignore[assignment]
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]

@@ -26,7 +26,9 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-__all__ = ["LossFn", "forward_backward", "wrap_ddp"]
+from megatron_alp import platform
+
+__all__ = ["LossFn", "batch_to_device", "forward_backward", "wrap_ddp"]
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
@@ -39,11 +41,25 @@ def wrap_ddp(
     *,
     use_distributed_optimizer: bool = False,
     grad_reduce_in_fp32: bool = True,
+    overlap_grad_reduce: bool | None = None,
+    align_grad_reduce: bool = True,
 ) -> list[DistributedDataParallel]:
-    """Wrap model chunks in Megatron DDP and hook the schedules' grad finalisation."""
+    """Wrap model chunks in Megatron DDP and hook the schedules' grad finalisation.
+
+    ``overlap_grad_reduce`` (Megatron's ``--overlap-grad-reduce``): None (default) turns it
+    on with CUDA/NCCL — each grad bucket is all-reduced (reduce-scattered under the
+    distributed optimizer) while the backward still runs — and off on the CPU/gloo backend.
+    The reduced values are the same either way. With it on, every parameter must receive a
+    gradient in every step (Megatron asserts that each bucket's reduction was issued): a
+    learnable ALP sigma trained outside ``perturbed(...)`` gets none, so pass False there.
+    ``align_grad_reduce`` (with overlap and pipelining) launches the reductions of all
+    pipeline stages from the schedule, like megatron.training does by default.
+    """
+    if overlap_grad_reduce is None:
+        overlap_grad_reduce = platform.cuda_available()
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
     )
     wrapped = [
@@ -58,7 +74,29 @@ def wrap_ddp(
     ]
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    if overlap_grad_reduce and align_grad_reduce:
+        syncs = [m.start_grad_sync for m in wrapped]
+        config.grad_sync_func = syncs if len(syncs) > 1 else syncs[0]
     return wrapped
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return platform.current_device()
+
+
+def batch_to_device(batch: Batch, device: torch.device) -> Batch:
+    """The micro-batch with every tensor of rank >= 1 on ``device`` (asynchronous copies).
+
+    0-dim tensors (``sample_offset`` and similar per-batch scalars) stay where they are:
+    they are read on the host (``.item()``), and a round trip through the GPU would cost
+    a synchronisation per micro-batch. Non-tensor values pass through.
+    """
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        for k, v in batch.items()
+    }
 
 
 def _forward_step(
@@ -67,7 +105,9 @@ def _forward_step(
     data_iterator: Any,
     model: torch.nn.Module,
 ):
-    batch = next(data_iterator)
+    # The one place batches reach the device: micro-batches are built on the host; the
+    # model (embedding lookup, loss) needs them where its weights live.
+    batch = batch_to_device(next(data_iterator), _model_device(model))
     ctx = forward_context(batch) if forward_context is not None else contextlib.nullcontext()
     with ctx:
         logits = model(
@@ -95,7 +135,8 @@ def forward_backward(
     """Run all micro-batches through the schedule; return ``stats`` of each (last stage).
 
     Every rank passes the same ``micro_batches`` (a rank that needs no data ignores
-    them). Grads accumulate in the DDP buffers (``zero_grad_buffer()`` first); on the
+    them), built anywhere (usually on the host): each is moved to the model's device
+    (:func:`batch_to_device`) before the model and ``loss_fn`` see it. Grads accumulate in the DDP buffers (``zero_grad_buffer()`` first); on the
     last pipeline stage the list holds one ``stats`` dict per micro-batch, elsewhere it
     is empty. The loss of each micro-batch is divided by the number of micro-batches.
     ``forward_context(batch)``, when given, is a context manager entered around the model

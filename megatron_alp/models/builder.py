@@ -15,6 +15,9 @@ also serves sequence parallelism on the CPU). Extensions such as ALP wrap the sp
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -33,6 +36,7 @@ from megatron_alp.parallel import ParallelConfig
 
 __all__ = [
     "build_model",
+    "default_fusions",
     "layer_spec",
     "te_available",
     "transformer_config",
@@ -43,14 +47,75 @@ RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 
 
 def te_available() -> bool:
-    """True when Transformer Engine can be used (importable, and CUDA present)."""
-    if not platform.cuda_available():
-        return False
+    """True when Transformer Engine can be used: CUDA present and TE's PyTorch side works.
+
+    ``import transformer_engine`` alone succeeds on a broken install (a wheel built for
+    another CUDA or torch, a missing shared library); what the TE layer spec needs is
+    ``transformer_engine.pytorch`` and megatron-core's TE extension, so those are imported
+    (once per process; a failure is reported once, with its reason).
+    """
+    return platform.cuda_available() and _te_works()
+
+
+@functools.cache
+def _te_works() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")
     except ImportError:
+        return False  # not installed: the local spec, nothing to report
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+        ext = importlib.import_module("megatron.core.extensions.transformer_engine")
+        if not getattr(ext, "HAVE_TE", False):
+            raise ImportError("megatron.core.extensions.transformer_engine reports HAVE_TE=False")
+    except Exception as exc:  # noqa: BLE001 - a broken extension raises OSError, RuntimeError...
+        warnings.warn(
+            f"Transformer Engine is installed but does not work ({type(exc).__name__}: {exc}); "
+            "using megatron-core's local layer spec",
+            stacklevel=2,
+        )
         return False
     return True
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - a broken extension is as good as a missing one
+        return False
+    return True
+
+
+def default_fusions() -> dict[str, bool]:
+    """The TransformerConfig fusion switches for this machine (see docs/gpu.md).
+
+    Without CUDA all are off (the fused kernels are CUDA kernels). With CUDA each is on
+    where its kernel is present: ``bias_activation_fusion`` (SwiGLU, torch.jit) and
+    ``bias_dropout_fusion`` (bias-dropout-add, torch.jit) always; ``apply_rope_fusion``
+    with a working Transformer Engine; ``masked_softmax_fusion`` (local spec only) with
+    megatron's softmax CUDA extensions; ``gradient_accumulation_fusion`` with apex's
+    ``fused_weight_gradient_mlp_cuda`` (megatron-core's output layer refuses it without).
+    ``persist_layer_norm`` stays off (apex LayerNorm only; these models use RMSNorm).
+    Each is a TransformerConfig field that :func:`transformer_config` ``overrides`` set.
+    """
+    if not platform.cuda_available():
+        return dict(
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            masked_softmax_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+        )
+    return dict(
+        bias_activation_fusion=True,
+        bias_dropout_fusion=True,
+        apply_rope_fusion=te_available(),
+        masked_softmax_fusion=_importable("scaled_masked_softmax_cuda")
+        and _importable("scaled_upper_triang_masked_softmax_cuda"),
+        gradient_accumulation_fusion=_importable("fused_weight_gradient_mlp_cuda"),
+        persist_layer_norm=False,
+    )
 
 
 def validate_layout(
@@ -108,6 +173,7 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     recompute_granularity: str | None = None,
     recompute_num_layers: int | None = None,
+    fusions: bool | None = None,
     **overrides: Any,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for ``args`` under ``parallel_cfg``.
@@ -115,8 +181,12 @@ def transformer_config(
     ``params_dtype`` float32 trains with fp32 weights; bfloat16 turns on Megatron's bf16
     mode (fp32 main params live in the optimizer). ``recompute_granularity`` is None,
     ``"full"`` (every layer, uniform, one layer per checkpoint unless
-    ``recompute_num_layers``) or ``"selective"`` (core attention). ``overrides`` are
-    TransformerConfig fields, passed through unchanged.
+    ``recompute_num_layers``) or ``"selective"`` (core attention). ``fusions``: None
+    (default) takes :func:`default_fusions` (on with CUDA where the kernels exist), False
+    turns every fusion off (e.g. to rule them out when chasing train/rollout mismatch:
+    docs/gpu.md lists which ones change bf16 numerics). ``overrides`` are TransformerConfig
+    fields, passed through unchanged and applied last, so one fusion can be switched
+    alone (``apply_rope_fusion=False``, ``bias_activation_fusion=False``, ...).
     """
     if recompute_granularity not in RECOMPUTE_GRANULARITIES:
         raise ValueError(
@@ -156,13 +226,10 @@ def transformer_config(
         attention_dropout=0.0,
         init_method_std=args.init_method_std,
         attention_softmax_in_fp32=True,
-        # Fusions need apex / TE / CUDA kernels; the unfused paths compute the same.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        # Fusions: on with CUDA where the kernels exist, off on the CPU (default_fusions)
+        **(default_fusions() if fusions is None or fusions else {
+            k: False for k in default_fusions()
+        }),
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,

@@ -92,7 +92,22 @@ class NoiseCoords:
 def _tracker():
     from megatron.core import tensor_parallel
 
-    return tensor_parallel.get_cuda_rng_tracker()
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    if getattr(tracker, "is_inference_rng_tracker", False):
+        raise _inference_tracker_error(tracker)
+    return tracker
+
+
+def _inference_tracker_error(tracker: object) -> RuntimeError:
+    # Megatron's inference tracker makes add / fork / set_states no-ops: the noise
+    # coordinates would never be stored (ALP silently off) and the step key would come
+    # from the default generator (possibly different per rank). Refuse instead.
+    return RuntimeError(
+        f"ALP needs a training RNG tracker, but Megatron's RNG tracker is "
+        f"{type(tracker).__name__} (inference_rng_tracker=True), whose add / fork / "
+        "set_states do nothing: ALP would be silently off. Initialise the tracker with "
+        "inference_rng_tracker=False for the policy update (model_parallel_cuda_manual_seed)"
+    )
 
 
 def _to_int(value: object, name: str) -> int:
@@ -116,6 +131,8 @@ def perturbed(*, key: int, step: int, sample_offset: int | torch.Tensor) -> Iter
     previous = states.get(COORDS_STATE)
     states[COORDS_STATE] = coords.to_tensor()
     tracker.set_states(states)
+    if COORDS_STATE not in tracker.get_states():  # a tracker that ignores set_states
+        raise _inference_tracker_error(tracker)
     try:
         yield coords
     finally:
@@ -148,9 +165,13 @@ def step_key(seed: int | object) -> int:
     tracker = _tracker()
     if NOISE_STATE not in tracker.get_states():
         tracker.add(NOISE_STATE, _SEED_OFFSET + seed)
+        if NOISE_STATE not in tracker.get_states():  # a tracker that ignores add
+            raise _inference_tracker_error(tracker)
     from megatron_alp import platform
 
+    # fork() swaps the state into the *current* device's generator: draw there (a draw
+    # on another device would come from a generator the tracker never touched).
     with tracker.fork(NOISE_STATE):
-        words = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=platform.device())
+        words = torch.randint(0, 2**32, (2,), dtype=torch.int64, device=platform.current_device())
     lo, hi = (int(w) for w in words.tolist())
     return lo | (hi << 32)

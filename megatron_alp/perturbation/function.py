@@ -67,8 +67,11 @@ def site_noise(site: NoiseSite, hidden: int, device: torch.device | str = "cpu")
 class _AddNoise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, log_sigma, site, kernel):  # type: ignore[override]
-        lane_a, lane_b = site.lanes(h.device)
-        out = kernel.add(h, log_sigma.exp(), lane_a, lane_b)
+        if kernel.add_at is not None:  # the kernel derives the row keys from the site itself
+            out = kernel.add_at(h, log_sigma.exp(), site)
+        else:
+            lane_a, lane_b = site.lanes(h.device)
+            out = kernel.add(h, log_sigma.exp(), lane_a, lane_b)
         ctx.site = site
         ctx.kernel = kernel
         ctx.save_for_backward(log_sigma)  # a scalar: the only tensor kept
@@ -79,15 +82,18 @@ class _AddNoise(torch.autograd.Function):
         grad_log_sigma = None
         if ctx.needs_input_grad[1]:
             (log_sigma,) = ctx.saved_tensors
-            lane_a, lane_b = ctx.site.lanes(grad.device)
-            dot = ctx.kernel.dot(grad, lane_a, lane_b)
+            if ctx.kernel.dot_at is not None:
+                dot = ctx.kernel.dot_at(grad, ctx.site)
+            else:
+                lane_a, lane_b = ctx.site.lanes(grad.device)
+                dot = ctx.kernel.dot(grad, lane_a, lane_b)
             sigma = log_sigma.detach().exp().to(dot.dtype)
             grad_log_sigma = (sigma * dot).to(log_sigma.dtype)
         return grad, grad_log_sigma, None, None
 
 
 def add_noise(h: torch.Tensor, log_sigma: torch.Tensor, site: NoiseSite, kernel: NoiseKernel) -> torch.Tensor:
-    """``h + exp(log_sigma).to(h.dtype) * eps(site).to(h.dtype)``, differentiable in both inputs.
+    """``(h + exp(log_sigma) * eps(site)).to(h.dtype)``, summed in fp32, differentiable in both inputs.
 
     ``h`` is ``[s_local, batch, hidden]`` (Megatron's sequence-first layout).
     """

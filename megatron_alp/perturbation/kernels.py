@@ -1,7 +1,11 @@
 """The two operations ALP needs, per noise implementation: ``add`` and ``dot``.
 
-* ``add(h, sigma, lane_a, lane_b) = h + sigma.to(h.dtype) * eps.to(h.dtype)``
-  (one read and one write of ``h`` when fused);
+* ``add(h, sigma, lane_a, lane_b) = (h + sigma * eps).to(h.dtype)`` with the sum computed
+  in float32 (float64 for float64 ``h``) and rounded once (one read and one write of ``h``
+  when fused). Rounding ``sigma * eps`` to bf16 first and then the sum again would lose
+  most of the noise where ``|h| >> sigma`` (bf16's step at |h| = 8 is 0.0625, sigma 0.01)
+  while the backward uses the full float32 ``eps``: d loss / d sigma would be biased
+  against what the forward added;
 * ``dot(grad, lane_a, lane_b) = sum(grad * eps)`` accumulated in float32 (float64 for
   float64 inputs): the backward's ``d loss / d sigma``.
 
@@ -17,7 +21,7 @@ compiled once with dynamic shapes; inductor emits C++ on CPU and Triton on GPU),
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -34,6 +38,10 @@ class NoiseKernel(NamedTuple):
     name: str
     add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     dot: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    add_at: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
+    """``add`` from a ``NoiseSite`` (row keys computed inside the kernel), where available."""
+    dot_at: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    """``dot`` from a ``NoiseSite``, where available."""
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -46,14 +54,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def eager_add(h: torch.Tensor, sigma: torch.Tensor, lane_a: torch.Tensor, lane_b: torch.Tensor) -> torch.Tensor:
     hidden = h.shape[-1]
-    scale = sigma.to(h.dtype)
+    acc = _acc_dtype(h)
+    scale = sigma.to(acc)
     h2, a, b = _rows(h), lane_a.reshape(-1), lane_b.reshape(-1)
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)  # contiguous, not a view
     out2 = out.view(-1, hidden)
     step = max(1, _EAGER_ROWS * 4096 // max(hidden, 1))
     for i in range(0, h2.shape[0], step):
         eps = gaussian_noise(a[i : i + step], b[i : i + step], hidden)
-        torch.add(h2[i : i + step], scale * eps.to(h.dtype), out=out2[i : i + step])
+        # float32 sum, one rounding to h's dtype (see the module docstring)
+        out2[i : i + step] = h2[i : i + step].to(acc) + scale * eps.to(acc)
     return out
 
 
@@ -70,8 +80,9 @@ def eager_dot(grad: torch.Tensor, lane_a: torch.Tensor, lane_b: torch.Tensor) ->
 
 
 def _fused_add(h, sigma, lane_a, lane_b):
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     eps = gaussian_noise(lane_a, lane_b, h.shape[-1])
-    return h + sigma.to(h.dtype) * eps.to(h.dtype)
+    return (h.to(acc) + sigma.to(acc) * eps.to(acc)).to(h.dtype)
 
 
 def _fused_dot(grad, lane_a, lane_b):
@@ -90,7 +101,10 @@ def _compiled() -> NoiseKernel:
 def _triton() -> NoiseKernel:
     from megatron_alp.perturbation import triton_noise
 
-    return NoiseKernel("triton", triton_noise.triton_add, triton_noise.triton_dot)
+    return NoiseKernel(
+        "triton", triton_noise.triton_add, triton_noise.triton_dot,
+        triton_noise.triton_add_at, triton_noise.triton_dot_at,
+    )
 
 
 _EAGER = NoiseKernel("torch", eager_add, eager_dot)

@@ -132,12 +132,17 @@ class LayerPerturbation(torch.nn.Module):
         return getattr(self, ALP_PARAM_NAME, None)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # sigma stays fp32 when the model is cast to half precision (Float16Module does
-        # model.bfloat16()); the reference casts sigma to the activation dtype only at use.
+        # sigma stays fp32, value and all, when the model is cast to half precision
+        # (Float16Module does model.bfloat16()): casting back after the cast would keep
+        # the bf16-rounded value (sigma_0 = 0.02 -> 0.020116), so the fp32 value from
+        # before the cast is moved to the new device instead. `.data` is an alias that
+        # keeps the old storage whether the cast assigns `.data` or swaps tensors.
+        t = self.log_sigma
+        before = None if t is None else t.data
         out = super()._apply(fn, recurse)
         t = self.log_sigma
-        if t is not None and t.dtype in (torch.float16, torch.bfloat16):
-            t.data = t.data.float()
+        if t is not None and before is not None and t.dtype in (torch.float16, torch.bfloat16):
+            t.data = before.to(device=t.device, dtype=torch.float32)
         return out
 
     def sharded_state_dict(

@@ -1,11 +1,15 @@
 """Fused Triton kernels for ALP on CUDA: the same counters as the torch reference.
 
-``triton_add`` reads ``h`` once and writes ``h + sigma * eps`` once; ``triton_dot``
+``triton_add`` reads ``h`` once and writes ``h + sigma * eps`` once (summed in float32,
+rounded once to ``h``'s dtype); ``triton_dot``
 reads ``grad`` once and returns ``sum(grad * eps)`` (float32) through per-program
 partial sums (no atomics, so the result is deterministic). The integer pipeline is the
 one of :mod:`megatron_alp.perturbation.noise` step for step (int64 holding 32-bit
 values, multipliers below 2**27), so ``eps`` matches the reference up to the float32
-``log``/``sqrt``/``cos``/``sin`` of the device math library.
+``log``/``sqrt``/``cos``/``sin`` of the device math library. ``triton_add_at`` /
+``triton_dot_at`` take the noise site instead of row-key tensors and compute each row's
+keys in the kernel from a few scalars (the host-side ``row_keys`` costs ~70 tiny int64
+kernel launches per call, three calls per layer and step with recompute).
 
 Import-guarded: importing this module needs ``triton``; :func:`kernels.get_kernel`
 only imports it for CUDA tensors. Without a GPU the kernels can still be checked
@@ -15,11 +19,15 @@ import), which ``tests/unit/test_alp_noise.py`` does in a subprocess.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_add", "triton_dot"]
+from megatron_alp.perturbation.noise import scalar_lane_seeds
+
+__all__ = ["triton_add", "triton_add_at", "triton_dot", "triton_dot_at"]
 
 _BLOCK_J = 256
 
@@ -32,9 +40,42 @@ def _mix32(x):
 
 
 @triton.jit
-def _normal_pair(lane_a_ptr, lane_b_ptr, row, j, mask):
-    a = tl.load(lane_a_ptr + row).to(tl.int64)
-    b = tl.load(lane_b_ptr + row).to(tl.int64)
+def _site_lanes(row, batch, a0, b0, sample_offset, sp_offset, cp_size, cp_rank, chunk):
+    """Row keys of row ``row`` of a contiguous [S, B, H] tensor, from the site's scalars.
+
+    The same integers as ``noise.row_keys(key, step, layer, samples, local_positions(...))``
+    (``a0``/``b0`` are ``noise.scalar_lane_seeds``), computed per program instead of by
+    ~70 tiny int64 kernels on the host side.
+    """
+    s = row // batch
+    sample = (sample_offset + row % batch).to(tl.int64)
+    i = (s + sp_offset).to(tl.int64)  # index into the CP-local sequence
+    chunk64 = chunk.to(tl.int64)
+    # Megatron's zig-zag under CP: this rank holds chunks cp_rank and 2*cp_size-1-cp_rank
+    zig = tl.where(
+        i < chunk64,
+        cp_rank.to(tl.int64) * chunk64 + i,
+        (2 * cp_size.to(tl.int64) - 1 - cp_rank) * chunk64 + (i - chunk64),
+    )
+    pos = tl.where(cp_size > 1, zig, i).to(tl.int64)
+    a = _mix32(_mix32(a0.to(tl.int64) ^ sample) ^ _mix32(pos ^ 0x510E527F))
+    b = _mix32(_mix32(b0.to(tl.int64) ^ pos) ^ _mix32(sample ^ 0x9B05688C))
+    return a, b
+
+
+@triton.jit
+def _row_lanes(lane_a_ptr, lane_b_ptr, row, batch, a0, b0, sample_offset, sp_offset, cp_size,
+               cp_rank, chunk, FROM_SITE: tl.constexpr):
+    if FROM_SITE:
+        a, b = _site_lanes(row, batch, a0, b0, sample_offset, sp_offset, cp_size, cp_rank, chunk)
+    else:
+        a = tl.load(lane_a_ptr + row).to(tl.int64)
+        b = tl.load(lane_b_ptr + row).to(tl.int64)
+    return a, b
+
+
+@triton.jit
+def _normal_pair(a, b, j):
     jc = j.to(tl.int64) * 0x9E3779B1 & 0xFFFFFFFF
     x = _mix32(_mix32(a ^ jc) ^ b)
     y = _mix32(x ^ 0x1F83D9AB)
@@ -44,27 +85,50 @@ def _normal_pair(lane_a_ptr, lane_b_ptr, row, j, mask):
     return r * tl.cos(theta), r * tl.sin(theta)
 
 
-@triton.jit
-def _add_kernel(h_ptr, out_ptr, sigma_ptr, lane_a_ptr, lane_b_ptr, half, BLOCK_J: tl.constexpr):
+_SITE_ARGS = ["batch", "a0", "b0", "sample_offset", "sp_offset", "cp_size", "cp_rank", "chunk"]
+
+
+@triton.jit(do_not_specialize=_SITE_ARGS)
+def _add_kernel(
+    h_ptr, out_ptr, sigma_ptr, lane_a_ptr, lane_b_ptr, half,
+    batch, a0, b0, sample_offset, sp_offset, cp_size, cp_rank, chunk,
+    BLOCK_J: tl.constexpr, F64: tl.constexpr, FROM_SITE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     mask = j < half
-    z0, z1 = _normal_pair(lane_a_ptr, lane_b_ptr, row, j, mask)
+    a, b = _row_lanes(lane_a_ptr, lane_b_ptr, row, batch, a0, b0, sample_offset, sp_offset,
+                      cp_size, cp_rank, chunk, FROM_SITE)
+    z0, z1 = _normal_pair(a, b, j)
     base = row * (2 * half)
     h0 = tl.load(h_ptr + base + j, mask=mask)
     h1 = tl.load(h_ptr + base + half + j, mask=mask)
-    scale = tl.load(sigma_ptr).to(h0.dtype)
-    tl.store(out_ptr + base + j, h0 + scale * z0.to(h0.dtype), mask=mask)
-    tl.store(out_ptr + base + half + j, h1 + scale * z1.to(h1.dtype), mask=mask)
+    # h + sigma * eps in float32, rounded once to h's dtype by the store (kernels.py doc)
+    if F64:  # float64 activations keep float64 (like the torch reference)
+        scale = tl.load(sigma_ptr).to(tl.float64)
+        out0 = h0.to(tl.float64) + scale * z0.to(tl.float64)
+        out1 = h1.to(tl.float64) + scale * z1.to(tl.float64)
+    else:
+        scale = tl.load(sigma_ptr).to(tl.float32)
+        out0 = h0.to(tl.float32) + scale * z0
+        out1 = h1.to(tl.float32) + scale * z1
+    tl.store(out_ptr + base + j, out0.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + base + half + j, out1.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _dot_kernel(g_ptr, part_ptr, lane_a_ptr, lane_b_ptr, half, n_blocks, BLOCK_J: tl.constexpr):
+@triton.jit(do_not_specialize=_SITE_ARGS)
+def _dot_kernel(
+    g_ptr, part_ptr, lane_a_ptr, lane_b_ptr, half, n_blocks,
+    batch, a0, b0, sample_offset, sp_offset, cp_size, cp_rank, chunk,
+    BLOCK_J: tl.constexpr, FROM_SITE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     j = blk * BLOCK_J + tl.arange(0, BLOCK_J)
     mask = j < half
-    z0, z1 = _normal_pair(lane_a_ptr, lane_b_ptr, row, j, mask)
+    a, b = _row_lanes(lane_a_ptr, lane_b_ptr, row, batch, a0, b0, sample_offset, sp_offset,
+                      cp_size, cp_rank, chunk, FROM_SITE)
+    z0, z1 = _normal_pair(a, b, j)
     base = row * (2 * half)
     g0 = tl.load(g_ptr + base + j, mask=mask, other=0.0).to(tl.float32)
     g1 = tl.load(g_ptr + base + half + j, mask=mask, other=0.0).to(tl.float32)
@@ -82,8 +146,34 @@ def _check(t: torch.Tensor, lane_a: torch.Tensor) -> tuple[int, int]:
     return rows, hidden // 2
 
 
+_NO_SITE = (1, 0, 0, 0, 0, 1, 0, 0)  # batch, a0, b0, offset, sp_offset, cp, cp_rank, chunk
+
+
+def _site_args(site: Any, rows: int) -> tuple[int, ...]:
+    """The kernels' scalar arguments for ``site`` (a ``function.NoiseSite``)."""
+    a0, b0 = scalar_lane_seeds(site.key, site.step, site.layer)
+    if rows != site.s_local * site.batch:
+        raise ValueError(
+            f"ALP noise site has s={site.s_local} x b={site.batch} rows, the tensor {rows}"
+        )
+    sp = site.sequence_parallel and site.tp_size > 1
+    s_cp = site.s_local * (site.tp_size if site.sequence_parallel else 1)
+    if site.cp_size > 1 and s_cp % 2:
+        raise ValueError(
+            f"context parallel local sequence length {s_cp} is odd; Megatron's zig-zag split "
+            "needs 2 * context_parallel_size to divide the sequence length"
+        )
+    return (site.batch, a0, b0, site.sample_offset, site.tp_rank * site.s_local if sp else 0,
+            site.cp_size, site.cp_rank, s_cp // 2)
+
+
+def _sigma_arg(sigma: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return sigma.reshape(1).to(acc).contiguous()
+
+
 def triton_add(h: torch.Tensor, sigma: torch.Tensor, lane_a: torch.Tensor, lane_b: torch.Tensor) -> torch.Tensor:
-    """``h + sigma * eps`` in one pass (see the module docstring)."""
+    """``h + sigma * eps`` in one pass, row keys given as tensors (see the module docstring)."""
     h = h.contiguous()
     rows, half = _check(h, lane_a)
     out = torch.empty_like(h)
@@ -91,8 +181,26 @@ def triton_add(h: torch.Tensor, sigma: torch.Tensor, lane_a: torch.Tensor, lane_
         return out
     grid = (rows, triton.cdiv(half, _BLOCK_J))
     _add_kernel[grid](
-        h, out, sigma.reshape(1).float().contiguous(), lane_a.reshape(-1).contiguous(),
-        lane_b.reshape(-1).contiguous(), half, BLOCK_J=_BLOCK_J,
+        h, out, _sigma_arg(sigma, h), lane_a.reshape(-1).contiguous(), lane_b.reshape(-1).contiguous(),
+        half, *_NO_SITE, BLOCK_J=_BLOCK_J, F64=h.dtype == torch.float64, FROM_SITE=False,
+    )
+    return out
+
+
+def triton_add_at(h: torch.Tensor, sigma: torch.Tensor, site: Any) -> torch.Tensor:
+    """``h + sigma * eps(site)`` in one pass, the row keys computed inside the kernel."""
+    h = h.contiguous()
+    hidden = h.shape[-1]
+    if hidden % 2:
+        raise ValueError(f"ALP noise needs an even hidden size, got {hidden}")
+    rows, half = h.numel() // max(hidden, 1), hidden // 2
+    out = torch.empty_like(h)
+    if rows == 0:
+        return out
+    args = _site_args(site, rows)
+    _add_kernel[(rows, triton.cdiv(half, _BLOCK_J))](
+        h, out, _sigma_arg(sigma, h), out, out, half, *args,
+        BLOCK_J=_BLOCK_J, F64=h.dtype == torch.float64, FROM_SITE=True,
     )
     return out
 
@@ -107,6 +215,24 @@ def triton_dot(grad: torch.Tensor, lane_a: torch.Tensor, lane_b: torch.Tensor) -
         return parts.sum()
     _dot_kernel[(rows, n_blocks)](
         grad, parts, lane_a.reshape(-1).contiguous(), lane_b.reshape(-1).contiguous(),
-        half, n_blocks, BLOCK_J=_BLOCK_J,
+        half, n_blocks, *_NO_SITE, BLOCK_J=_BLOCK_J, FROM_SITE=False,
+    )
+    return parts.sum()
+
+
+def triton_dot_at(grad: torch.Tensor, site: Any) -> torch.Tensor:
+    """``sum(grad * eps(site))`` in float32, deterministic, row keys computed in the kernel."""
+    grad = grad.contiguous()
+    hidden = grad.shape[-1]
+    if hidden % 2:
+        raise ValueError(f"ALP noise needs an even hidden size, got {hidden}")
+    rows, half = grad.numel() // max(hidden, 1), hidden // 2
+    n_blocks = triton.cdiv(half, _BLOCK_J)
+    parts = torch.empty(rows, n_blocks, dtype=torch.float32, device=grad.device)
+    if rows == 0:
+        return parts.sum()
+    args = _site_args(site, rows)
+    _dot_kernel[(rows, n_blocks)](
+        grad, parts, parts, parts, half, n_blocks, *args, BLOCK_J=_BLOCK_J, FROM_SITE=True,
     )
     return parts.sum()

@@ -9,6 +9,11 @@ Context-parallel layout: Megatron's ``get_batch_on_this_cp_rank`` splits a seque
 ``2 * cp`` equal chunks and gives rank ``r`` chunks ``r`` and ``2 * cp - 1 - r``
 ("load-balanced"); ``"contiguous"`` means rank ``r`` holds chunk ``r`` of ``cp``. Only the
 cumulative (prefix) sums depend on the layout; plain sums do not.
+
+Devices: a tensor handed to an NCCL group must live on the GPU. Every helper here moves
+its input to the group's communication device (:func:`comm_device`) when it is not
+already there and returns the result on the input's device, so callers may pass host
+tensors to an NCCL group or GPU tensors to a gloo group alike.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.distributed as dist
 __all__ = [
     "CPLayout",
     "all_reduce_sum",
+    "comm_device",
     "gather_cat",
     "group_rank",
     "group_size",
@@ -41,12 +47,30 @@ def group_rank(group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
+def comm_device(group: dist.ProcessGroup | None, like: torch.device) -> torch.device:
+    """The device a tensor now on ``like`` must be on for a collective over ``group``.
+
+    An NCCL-only group needs the current CUDA device; a gloo group needs host tensors
+    (gloo's collectives used here are CPU-only); a mixed backend (``cpu:gloo,cuda:nccl``)
+    takes either, so the tensor stays where it is.
+    """
+    if group is None:
+        return like
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and like.type != "cuda" and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "nccl" not in backend and like.type == "cuda":
+        return torch.device("cpu")
+    return like
+
+
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Sum of a detached tensor over ``group`` (returned as a new tensor; input untouched)."""
-    out = x.detach().clone()
-    if group_size(group) > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    if group_size(group) == 1:
+        return x.detach().clone()
+    out = x.detach().to(comm_device(group, x.device), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out.to(x.device)
 
 
 def gather_cat(x_N: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -60,6 +84,8 @@ def gather_cat(x_N: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     x_N = x_N.detach()
     if world == 1:
         return x_N.clone()
+    home = x_N.device
+    x_N = x_N.to(comm_device(group, home))
     n = torch.tensor([x_N.shape[0]], dtype=torch.long, device=x_N.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
@@ -69,7 +95,7 @@ def gather_cat(x_N: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tens
     padded[: x_N.shape[0]] = x_N
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:length] for p, length in zip(parts, lengths)], dim=0)
+    return torch.cat([p[:length] for p, length in zip(parts, lengths)], dim=0).to(home)
 
 
 def _local_chunk_ids(layout: str, cp_rank: int, cp_size: int) -> list[int]:
@@ -104,8 +130,10 @@ def sequence_cumsum(
     x_BkC = x_BT.reshape(B, k, T // k)
     local_cum = torch.cumsum(x_BkC, dim=-1)
     totals_Bk = local_cum[..., -1].contiguous()
+    totals_Bk = totals_Bk.to(comm_device(cp_group, totals_Bk.device))
     gathered = [torch.empty_like(totals_Bk) for _ in range(cp_size)]
     dist.all_gather(gathered, totals_Bk, group=cp_group)
+    gathered = [t.to(x_BT.device) for t in gathered]
     n_chunks = k * cp_size
     chunk_totals = x_BT.new_zeros((B, n_chunks))
     for r, tot in enumerate(gathered):

@@ -5,7 +5,10 @@ Call :meth:`MismatchMetrics.update` once per micro-batch (detached inputs, cheap
 set: ``compute`` all-gathers the masked per-token values over the CP group and then the DP
 group, so every rank holds O(global tokens) floats (5 per token; e.g. 512 x 8 responses x
 2k tokens = 8.4M tokens -> ~170 MB in fp32 per rank, once per step) and sorts them. Pass a
-smaller ``max_tokens`` budget upstream if that is too much; no sketch is used.
+smaller ``max_tokens`` budget upstream if that is too much; no sketch is used. The
+per-micro-batch values stay on the device they were computed on (``update`` makes no
+host copies, so it adds no synchronisation beyond the masked selection); ``compute``
+gathers them on the groups' communication device and copies the result to the host once.
 
 Names follow verl's ``rollout_corr/*`` and ``is_ratio/*`` where they exist. With ``delta =
 logp_train - logp_rollout`` per token and ``rho = exp(delta)``:
@@ -73,7 +76,8 @@ class MismatchMetrics:
         self._tok: list[torch.Tensor] = []  # [n, 5]: delta, log_ratio, adv, w, is_log_raw
         self._seq: list[torch.Tensor] = []  # [b, 4]: sum delta, n, sum lp, sum rollout
         self._seq_flags: list[torch.Tensor] = []  # [b, 3]: weight-0 tokens>0, vetoed, counted
-        self._counts = torch.zeros(2, dtype=torch.float64)  # nonfinite tokens, nonfinite seqs
+        self._counts: torch.Tensor | None = None  # [2]: nonfinite tokens, nonfinite seqs
+        self._device: torch.device | None = None  # where update() accumulates
 
     @torch.no_grad()
     def update(
@@ -111,7 +115,10 @@ class MismatchMetrics:
                 bad |= m & ~torch.isfinite(old_logp)
         seq_bad = all_reduce_sum(bad.sum(-1).double(), cp_group) > 0
         valid = m & ~seq_bad.unsqueeze(-1)
-        self._counts += torch.stack([bad.sum().double(), seq_bad.sum().double()]).cpu()
+        counts = torch.stack([bad.sum().double(), seq_bad.sum().double()])
+        # accumulate where the inputs live: a .cpu() here would sync every micro-batch
+        self._counts = counts if self._counts is None else self._counts + counts.to(self._counts.device)
+        self._device = self._device or logp.device
 
         zero = torch.zeros((), dtype=torch.float32, device=logp.device)
         lp = torch.where(valid, logp.float(), zero)
@@ -133,13 +140,13 @@ class MismatchMetrics:
                 flags[:, 0] = all_reduce_sum(zero_w, cp_group)
                 if t.veto_B is not None:
                     flags[:, 1] = t.veto_B.double()
-        self._tok.append(torch.stack([c[valid].float() for c in cols], dim=-1).cpu())
+        self._tok.append(torch.stack([c[valid].float() for c in cols], dim=-1))
         seq = torch.stack([delta.sum(-1), valid.sum(-1), lp.sum(-1), roll.sum(-1)], -1).double()
         seq = all_reduce_sum(seq, cp_group)
         keep = seq[:, 1] > 0  # sequences with at least one valid token
         flags[:, 2] = 1.0
-        self._seq.append(seq[keep].cpu())
-        self._seq_flags.append(flags[keep].cpu())
+        self._seq.append(seq[keep])
+        self._seq_flags.append(flags[keep])
 
     @torch.no_grad()
     def compute(
@@ -152,16 +159,19 @@ class MismatchMetrics:
         """The step's metrics over all micro-batches and all DP x CP ranks (same on every rank).
 
         Collective over ``cp_group`` and ``dp_group``: every rank must call it. ``device``
-        is where the gathers run (the communication device: CUDA under NCCL).
+        (default: where ``update`` accumulated, else the CPU) holds the values while they
+        are gathered; each collective moves them to its group's communication device if
+        they are elsewhere (the GPU under NCCL: :func:`~megatron_alp.rl.collectives.comm_device`).
         """
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
         tok = torch.cat(self._tok) if self._tok else torch.zeros((0, 5))
         seq = torch.cat(self._seq) if self._seq else torch.zeros((0, 4), dtype=torch.float64)
         flags = torch.cat(self._seq_flags) if self._seq_flags else torch.zeros((0, 3), dtype=torch.float64)
+        counts = self._counts if self._counts is not None else torch.zeros(2, dtype=torch.float64)
         # tokens are distinct across CP and DP ranks; sequences (already CP-reduced) across DP only
         tok = gather_cat(gather_cat(tok.to(dev), cp_group), dp_group).cpu()
-        seqf = gather_cat(torch.cat([seq, flags], -1).to(dev), dp_group).cpu()
-        counts = all_reduce_sum(all_reduce_sum(self._counts.to(dev), cp_group), dp_group).cpu()
+        seqf = gather_cat(torch.cat([seq.to(dev), flags.to(dev)], -1), dp_group).cpu()
+        counts = all_reduce_sum(all_reduce_sum(counts.to(dev), cp_group), dp_group).cpu()
         seq, flags = seqf[:, :4], seqf[:, 4:]
         # n_nonfinite_seqs was counted on every CP rank of the sequence
         n_cp = dist.get_world_size(cp_group) if cp_group is not None else 1

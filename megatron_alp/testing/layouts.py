@@ -95,6 +95,7 @@ def run_layout(
     layer_spec_transform: Callable | None = None,
     on_step: Callable[[int, list[float]], None] | None = None,
     forward_context: Callable[[int, dict[str, torch.Tensor]], Any] | None = None,
+    overlap_grad_reduce: bool | None = None,
 ) -> dict[str, Any]:
     """See the module docstring. Collective over all ranks of the group.
 
@@ -110,7 +111,7 @@ def run_layout(
         tc = transformer_config(args, layout, recompute_granularity=recompute_granularity)
         chunks = build_model(args, tc, layer_spec_transform=layer_spec_transform)
         load_full_state(chunks, full_state)
-        model = wrap_ddp(chunks, tc)
+        model = wrap_ddp(chunks, tc, overlap_grad_reduce=overlap_grad_reduce)
         # The trainer's own optimizer construction and step (megatron_alp.train.policy).
         opt = make_optimizer(model, OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=0.0))
         losses, logits, grads = [], None, None

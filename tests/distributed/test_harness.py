@@ -28,8 +28,18 @@ def hang_on_rank_zero() -> int:
     return dist.get_rank()
 
 
+def backend_and_switch() -> tuple[str, str, str]:
+    import os
+
+    from megatron_alp import platform
+
+    return dist.get_backend(), str(platform.device()), os.environ.get(platform.FORCE_CPU_ENV, "")
+
+
 def test_rank_group_results_failures_and_timeouts():
-    with RankGroup(2, timeout_s=60) as group:
+    with RankGroup(2, timeout_s=60, force_cpu=True) as group:
+        # ranks that outnumber the GPUs (or forced) run gloo + CPU, also on a GPU host
+        assert group.run(backend_and_switch) == [("gloo", "cpu", "1")] * 2
         assert group.run(rank_and_sum) == [(0, 3.0), (1, 3.0)]
         with pytest.raises(RankFailure, match=r"(?s)fail_on_rank_one failed on rank 1:.*ValueError: boom on purpose"):
             group.run(fail_on_rank_one)

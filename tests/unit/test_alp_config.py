@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from megatron_alp.perturbation import (
     current_coords,
     is_alp_param,
     perturbed,
+    step_key,
     with_alp,
 )
 
@@ -90,6 +92,26 @@ def test_sigma_param_is_fp32_named_tagged_and_survives_half_casts():
     assert not off.active and off.state_dict() == {}
 
 
+def test_half_casts_keep_log_sigmas_fp32_value_exactly():
+    """Float16Module's model.bfloat16() must not round sigma: 0.02 became 0.020116 (issue 9)."""
+    from megatron.core.transformer.module import Float16Module
+
+    want = torch.tensor(math.log(0.02), dtype=torch.float32)
+    assert want.bfloat16().float() != want  # the cast would change the value
+    for learnable in (True, False):
+        cfg = ALPConfig(init_std=0.02, learnable=learnable)
+        inner = torch.nn.Sequential(
+            torch.nn.Linear(4, 4), LayerPerturbation(_tconfig(), layer_number=2, alp_config=cfg)
+        )
+        wrapped = Float16Module(_tconfig(bf16=True), inner)
+        assert inner[0].weight.dtype == torch.bfloat16  # the rest of the model was cast
+        log_sigma = wrapped.module[1].alp_log_sigma
+        assert log_sigma.dtype == torch.float32 and torch.equal(log_sigma.detach(), want)
+        assert isinstance(log_sigma, torch.nn.Parameter) is learnable
+        inner.half().float().bfloat16()  # repeated casts, fp16 included
+        assert torch.equal(inner[1].alp_log_sigma.detach(), want)
+
+
 def test_is_alp_param():
     assert is_alp_param("module.decoder.layers.3.perturbation.alp_log_sigma")
     assert is_alp_param("alp_log_sigma")
@@ -152,3 +174,23 @@ def test_perturbed_context_nests_restores_and_validates():
             pass
     assert current_coords() is None
     assert dataclasses.is_dataclass(outer)
+
+
+def test_inference_rng_tracker_is_refused_not_silently_ignored():
+    """Issue 13.4: Megatron's inference tracker ignores add / fork / set_states, so ALP
+    would be silently off and the step key drawn from the default generator."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    try:
+        assert tensor_parallel.get_cuda_rng_tracker().is_inference_rng_tracker
+        with pytest.raises(RuntimeError, match=r"inference_rng_tracker=True.*ALP would be silently off"):
+            with perturbed(key=1, step=0, sample_offset=0):
+                pass
+        with pytest.raises(RuntimeError, match=r"inference_rng_tracker=True"):
+            step_key(0)
+    finally:
+        mpu_random.initialize_rng_tracker(force_reset=True)
+    with perturbed(key=1, step=0, sample_offset=0):  # a training tracker works again
+        assert current_coords() is not None

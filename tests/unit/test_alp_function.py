@@ -71,13 +71,34 @@ def test_fixed_sigma_buffer_needs_no_regeneration_in_backward():
     assert calls == [] and torch.equal(h.grad, torch.ones_like(h))
 
 
-def test_bf16_activations_cast_sigma_first_like_the_reference():
-    h = torch.randn(10, 3, 32).bfloat16()
-    log_sigma = torch.tensor(math.log(0.03))
-    out = add_noise(h, log_sigma, SITE, EAGER)
-    eps = site_noise(SITE, 32)
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("compile", marks=pytest.mark.slow)])
+def test_bf16_noise_is_added_in_fp32_and_rounded_once(kernel):
+    """Defect 13.7: ``bf16(h + sigma * eps)`` with one rounding, not bf16(h + bf16(bf16(sigma) * eps)).
+
+    Rounding sigma (0.02 -> 0.02002) and the product to bf16 before the sum changes the
+    noise the forward adds against the fp32 sigma * eps the backward differentiates.
+    """
+    torch.manual_seed(3)
+    h = (0.5 + torch.rand(10, 3, 256) / 2).bfloat16()  # bf16 step 2**-8 here
+    log_sigma = torch.tensor(math.log(0.02))
+    k = get_kernel(kernel, torch.device("cpu"))
+    out = add_noise(h, log_sigma, SITE, k)
+    eps = site_noise(SITE, 256)
+    if kernel == "compile":  # its own log/cos may differ from eager's by float32 ulps
+        lanes = SITE.lanes(torch.device("cpu"))
+        eps_k = k.add(torch.zeros(10, 3, 256), torch.tensor(1.0), *lanes)
+        torch.testing.assert_close(eps_k, eps, rtol=0, atol=1e-5)
+    else:
+        eps_k = eps
+    want = (h.float() + log_sigma.exp() * eps_k).bfloat16()
     assert out.dtype == torch.bfloat16
-    assert torch.equal(out, h + torch.tensor(0.03).bfloat16() * eps.bfloat16())
+    assert torch.equal(out, want)
+    twice = h + log_sigma.exp().bfloat16() * eps.bfloat16()
+    assert not torch.equal(out, twice)  # the oracle tells the two apart on these inputs
+    # fp32 activations: unchanged by the fix (h + sigma * eps in fp32)
+    h32 = torch.randn(10, 3, 256)
+    torch.testing.assert_close(add_noise(h32, log_sigma, SITE, k), h32 + log_sigma.exp() * eps_k,
+                               rtol=0, atol=0 if kernel == "torch" else 1e-6)
 
 
 def test_shape_mismatch_is_refused():

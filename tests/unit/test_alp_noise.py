@@ -153,6 +153,35 @@ for hidden in (64, 1030):  # one block of pairs, and three (the last one masked)
     assert d < 1e-5, d
     t, e = triton_noise.triton_dot(g, a, b).item(), eager_dot(g, a, b).item()
     assert abs(t - e) < 1e-4 * max(1.0, abs(e)), (t, e)
+# bf16: h + sigma * eps summed in fp32 and rounded once (issue 13.7); the kernel's own eps
+# (its fp32 math library may differ from torch's by ulps) comes from h = 0, sigma = 1
+eps = triton_noise.triton_add(torch.zeros(3, 2, 1030), torch.tensor(1.0), a, b)
+h = (0.5 + torch.rand(3, 2, 1030) / 2).bfloat16()
+s = torch.tensor(0.02)
+out = triton_noise.triton_add(h, s, a, b)
+# Triton's interpreter converts fp32 -> bf16 by truncation (the compiled kernel's fptrunc
+# rounds to nearest even; tests/gpu checks that): one truncation of the fp32 sum here
+rtz = ((h.float() + s * eps).view(torch.int32) & -65536).view(torch.float32).bfloat16()
+assert out.dtype == torch.bfloat16 and torch.equal(out, rtz)
+# row keys computed inside the kernel from the site's scalars (no host-side row_keys):
+# the same noise for plain, batch 1, SP, CP and SP x CP sites
+for kw in (dict(), dict(batch=1), dict(tp_rank=1, tp_size=2, sequence_parallel=True),
+           dict(cp_rank=1, cp_size=2),
+           dict(tp_rank=1, tp_size=2, sequence_parallel=True, cp_rank=0, cp_size=2)):
+    st = NoiseSite(key=0xFEDCBA9876543210, step=3, layer=1, sample_offset=7,
+                   batch=kw.pop("batch", 2), s_local=4, **kw)
+    la, lb = st.lanes(torch.device("cpu"))
+    hh, gg = torch.randn(4, st.batch, 66), torch.randn(4, st.batch, 66)
+    d = (triton_noise.triton_add_at(hh, s, st) - eager_add(hh, s, la, lb)).abs().max().item()
+    assert d < 1e-5, (kw, d)
+    t, e = triton_noise.triton_dot_at(gg, st).item(), eager_dot(gg, la, lb).item()
+    assert abs(t - e) < 1e-4 * max(1.0, abs(e)), (kw, t, e)
+empty = NoiseSite(key=1, step=0, layer=1, sample_offset=0, batch=0, s_local=4)  # zero rows
+assert triton_noise.triton_add_at(torch.zeros(4, 0, 66), s, empty).shape == (4, 0, 66)
+assert triton_noise.triton_dot_at(torch.zeros(4, 0, 66), empty).item() == 0.0
+h64 = torch.randn(3, 2, 64, dtype=torch.float64)
+d = (triton_noise.triton_add(h64, s, a, b) - eager_add(h64, s, a, b)).abs().max().item()
+assert d < 1e-6, d
 print("ok")
 """
 

@@ -129,3 +129,39 @@ def test_errors():
     with pytest.raises(ValueError, match="old_logp is required"):
         mismatch_metrics(logp=z, rollout_logp=z, mask=z, cfg=policy_loss_config("grpo"),
                          advantages=torch.zeros(2))
+
+
+class _HostCopies(torch.overrides.TorchFunctionMode):
+    """Records the calls that copy a tensor to the host (a GPU synchronisation each)."""
+
+    NAMES = ("cpu", "item", "tolist", "numpy", "__float__", "__int__", "__bool__")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg_name", [None, "seq-mis"])
+def test_update_makes_no_host_copies(cfg_name):
+    """Issue 13.5: update() did four .cpu() per micro-batch (a GPU sync each); values now
+    stay on their device until compute() and the numbers are unchanged."""
+    lp, roll, old, adv, mask = make(seed=4, B=6)
+    f = lambda a: torch.tensor(a, dtype=torch.float32)
+    cfg = policy_loss_config(cfg_name) if cfg_name else None
+    acc = MismatchMetrics(cfg)
+    spy = _HostCopies()
+    with spy:
+        for c in np.array_split(np.arange(6), 2):
+            acc.update(logp=f(lp[c]), rollout_logp=f(roll[c]), mask=torch.tensor(mask[c]),
+                       old_logp=f(old[c]), advantages=f(adv[c]))
+    assert spy.calls == []
+    got = acc.compute()
+    want = np_metrics(lp, roll, old, adv, mask, cfg_name)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
