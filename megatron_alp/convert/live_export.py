@@ -132,11 +132,12 @@ def _gather_tp_to_first(name: str, param: torch.nn.Parameter, dtype: torch.dtype
     if dim == 0 and not gated:
         shape = list(data.shape)
         shape[0] *= size
-        full = torch.empty(shape, dtype=dtype)
+        # On the shard's device: NCCL refuses CPU tensors (never the default device).
+        full = torch.empty(shape, dtype=dtype, device=data.device)
         parts = list(full.chunk(size, dim=0))  # contiguous views: no extra copy
         dist.gather(data.contiguous(), parts, dst=first, group=group)
         return full
-    parts = [torch.empty_like(data) for _ in range(size)]
+    parts = [torch.empty_like(data) for _ in range(size)]  # empty_like keeps data's device
     dist.gather(data.contiguous(), parts, dst=first, group=group)
     return assemble_tp_parts(name, parts, dim)
 
@@ -169,6 +170,9 @@ def export_hf_buckets(
             "data/context-parallel replica (global rank 0 always is)"
         )
     pp_group = ps.get_pipeline_model_parallel_group()
+    # Receive buffers live where the model does (cuda under NCCL), not on the default
+    # device: NCCL rejects CPU tensors.
+    device = next(iter(local.values())).device
     bucket: list[tuple[str, torch.Tensor]] = []
     for k, name in enumerate(plan.names):
         if k > 0 and plan.bucket_of[k] != plan.bucket_of[k - 1]:
@@ -185,7 +189,7 @@ def export_hf_buckets(
             # The holder is the owner stage's rank in src's own pipeline group (same TP
             # rank 0, same replica).
             holder = dist.get_global_rank(pp_group, owner)
-            full = torch.empty(mapping.megatron_shape(name), dtype=dtype)
+            full = torch.empty(mapping.megatron_shape(name), dtype=dtype, device=device)
             dist.recv(full, src=holder)
         if is_src:
             for hf_name, t in mapping.to_hf(name, full):

@@ -19,7 +19,7 @@ from megatron_alp.rollout.base import (
     WeightBucket,
     register_engine,
 )
-from megatron_alp.rollout.sampling import process_logits, sample
+from megatron_alp.rollout.sampling import completion_seed, process_logits, sample
 
 __all__ = ["LocalEngine"]
 
@@ -27,11 +27,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.
            "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _row_seed(seed: int, prompt: int, sample_idx: int) -> int:
-    # A fixed mix of (seed, prompt, sample) into 63 bits: a completion's randomness does
-    # not depend on which other prompts share its batch.
-    x = (seed * 0x9E3779B97F4A7C15 + prompt * 0xBF58476D1CE4E5B9 + sample_idx * 0x94D049BB133111EB)
-    return x % (2**63 - 1)
+_row_seed = completion_seed  # the per-completion seed, shared with every engine
 
 
 @register_engine("local")
