@@ -1,6 +1,6 @@
 """Rollout engines: the protocol, the embedded ``local`` engine and the ``vllm`` fleet."""
 
-from megatron_alp.rollout import local, vllm_engine  # noqa: F401  (register engines)
+from megatron_alp.rollout import fleet, local, vllm_engine  # noqa: F401  (register engines)
 from megatron_alp.rollout.base import (
     Completion,
     RolloutEngine,

@@ -85,10 +85,22 @@ class LocalEngine:
         """n completions per prompt, ordered by (prompt_index, sample_index)."""
         rows = []
         for i, prompt in enumerate(prompt_token_ids):
+            for j in range(sampling.n):
+                rows.append((i, j, prompt))
+        return self.generate_rows(rows, sampling)
+
+    @torch.no_grad()
+    def generate_rows(
+        self, rows: Sequence[tuple[int, int, Sequence[int]]], sampling: SamplingParams
+    ) -> list[Completion]:
+        """One completion per row ``(prompt_index, sample_index, prompt_token_ids)``, in row
+        order; ``sampling.n`` is ignored. The indices pick the completion's seed, so a row
+        draws the same tokens whatever else is batched with it (the fleet's engines serve
+        arbitrary subsets of a generation this way)."""
+        rows = [(int(i), int(j), list(p)) for i, j, p in rows]
+        for i, j, prompt in rows:
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            for j in range(sampling.n):
-                rows.append((i, j, list(prompt)))
         out: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):
             out.extend(self._generate_rows(rows[start : start + self.max_batch_size], sampling))

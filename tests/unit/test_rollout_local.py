@@ -118,7 +118,7 @@ def test_update_weights_errors(engine):
 
 def test_registry_and_bad_params():
     assert {"local", "vllm"} <= set(available_engines())
-    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'; available: local, vllm"):
+    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'; available: fleet, local, vllm"):
         create_engine("sglang")
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0.0)
