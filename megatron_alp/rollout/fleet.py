@@ -83,11 +83,13 @@ def _free_port(host: str) -> int:
 class FleetEngine:
     """Client of a fleet of engine processes (see the module docstring).
 
-    ``endpoints``: engine base URLs (``http://host:port``); None starts a local fleet of
+    ``endpoints``: engine base URLs (``http://host:port``) or ready ``Endpoint`` objects
+    (``fleet_backends.Endpoint``); None starts a local fleet of
     ``num_engines`` from ``model`` (an HF folder, config or model; saved to a temporary
     folder if not a folder) with ``dtype``. ``sync_host`` is this process's address as
     the engines reach it; ``sync_port`` the first rendezvous port (epoch e uses
-    ``sync_port + e``; None picks free ports). ``allow_truncation`` lets top-p / top-k
+    ``sync_port + e``; None picks free ports). A request is tried at most ``max_attempts``
+    times (on other engines first). ``allow_truncation`` lets top-p / top-k
     through (see ``check_ratio_sampling``).
     """
 
@@ -107,7 +109,7 @@ class FleetEngine:
         health_timeout_s: float = 10.0,
         max_in_flight: int = 8,
         rows_per_request: int | None = None,
-        max_attempts: int = 3,
+        max_attempts: int = 4,
         allow_truncation: bool = False,
         launch_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -132,10 +134,11 @@ class FleetEngine:
             served_model_name = served_model_name or path
         if not endpoints:
             raise ValueError("fleet engine: endpoints is empty")
-        if backend == "vllm" and not served_model_name:
+        if backend == "vllm" and not served_model_name and any(isinstance(u, str) for u in endpoints):
             raise ValueError("fleet engine (vllm): served_model_name (the model vllm serve serves) is required")
-        eps = [TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
-               for u in endpoints]
+        eps = [u if not isinstance(u, str) else
+               TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
+               for u in endpoints]  # objects: ready Endpoint implementations
         self.engines = [_EngineState(ep) for ep in eps]
         self.sync_host, self.sync_port = sync_host, sync_port
         self.request_timeout_s, self.sync_timeout_s = request_timeout_s, sync_timeout_s
@@ -203,43 +206,52 @@ class FleetEngine:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         rows = [(i, j, list(p)) for i, p in enumerate(prompt_token_ids) for j in range(sampling.n)]
         k = self.rows_per_request
-        queue = [(rows[s : s + k], 0) for s in range(0, len(rows), k)]
+        queue = [(rows[s : s + k], ()) for s in range(0, len(rows), k)]  # (unit, engines that failed it)
         done: dict[tuple[int, int], Completion] = {}
-        running: dict[cf.Future, tuple[_EngineState, list, int]] = {}
+        running: dict[cf.Future, tuple[_EngineState, list, tuple]] = {}
         self.refresh()
         while queue or running:
             while queue:
-                st = self._pick()
+                unit, failed_on = queue[0]
+                st = self._pick(avoid=failed_on)
                 if st is None:
                     break
-                unit, attempts = queue.pop(0)
+                queue.pop(0)
                 st.in_flight += 1
                 self.stats["requests"] += 1
                 fut = self._pool.submit(st.endpoint.generate, unit, sampling,
                                         timeout=self.request_timeout_s)
-                running[fut] = (st, unit, attempts)
+                running[fut] = (st, unit, failed_on)
             if not running:
                 self._no_engine()  # raises unless an engine came back
                 continue
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
-                st, unit, attempts = running.pop(fut)
+                st, unit, failed_on = running.pop(fut)
                 st.in_flight -= 1
                 why = self._accept(st, unit, fut, done)
                 if why is None:
                     continue
-                if attempts + 1 >= self.max_attempts * len(self.engines):
+                failed_on = failed_on + (id(st),)
+                if len(failed_on) >= self.max_attempts:
                     raise FleetError(f"fleet: a request of prompt {unit[0][0]} failed "
-                                     f"{attempts + 1} times; last: {why}")
+                                     f"{len(failed_on)} times; last: {why}")
                 self.stats["retries"] += 1
-                queue.append((unit, attempts + 1))
+                queue.insert(0, (unit, failed_on))  # retried first: the rollout's tail is short
         missing = [(i, j) for i, j, _ in rows if (i, j) not in done]
         assert not missing and len(done) == len(rows), missing[:4]
         return [done[(i, j)] for i, j, _ in rows]
 
-    def _pick(self) -> _EngineState | None:
+    def _pick(self, avoid: tuple = ()) -> _EngineState | None:
+        """The serving engine with the fewest requests in flight (room left), preferring
+        engines that have not failed this request before."""
         ok = [st for st in self.engines if self._serving(st) and st.in_flight < self.max_in_flight]
-        return min(ok, key=lambda st: (st.in_flight, st.served)) if ok else None
+        if not ok:
+            return None
+        fresh = [st for st in ok if id(st) not in avoid]
+        if not fresh and any(id(st) not in avoid and self._serving(st) for st in self.engines):
+            return None  # a fresh engine is busy: wait for it rather than repeat a failure
+        return min(fresh or ok, key=lambda st: (st.in_flight, st.served))
 
     def _accept(self, st: _EngineState, unit: list, fut: cf.Future, done: dict) -> str | None:
         """Store a finished request's completions; the reason it must be retried, or None."""
