@@ -129,3 +129,33 @@ def test_truncated_sampling_refused_by_the_fleet():
     with pytest.raises(ValueError, match="served_model_name"):
         create_engine("fleet", endpoints=["http://x:1"], backend="vllm")
     fleet.close()
+
+
+class FakeMember(FakeEngine):
+    """An engine whose weight-group join fails (dead before joining) or never happens."""
+
+    def __init__(self, name, *, join_error=None):
+        super().__init__(name)
+        self.join_error = join_error
+
+    def members(self, *, timeout):
+        return 1
+
+    def join(self, **kw):
+        if self.join_error:
+            raise EngineDown(self.join_error)
+
+
+def test_sync_with_a_dead_member_times_out_naming_it():
+    """A worker that dies before joining must not leave the trainer waiting forever."""
+    import torch
+
+    a, b = FakeMember("a"), FakeMember("b", join_error="fake://b: connection refused")
+    fleet = _fleet(a, b, sync_timeout_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(FleetError, match=r"\(join epoch 0\) failed; engines that did not answer: "
+                                         r"fake://b: fake://b: connection refused; sender: "):
+        fleet.update_weights([[("w", torch.zeros(2))]])
+    assert time.monotonic() - t0 < 30
+    assert not fleet.engines[1].up and fleet.version == 0
+    fleet.close()
