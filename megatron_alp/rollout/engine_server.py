@@ -128,14 +128,32 @@ class EngineServer:
         if self.group is None or int(body["epoch"]) != self.epoch:
             raise ValueError(f"bucket for weight-group epoch {body['epoch']}, this engine is in "
                              f"epoch {self.epoch}")
-        tensors = receive_tensors(self.group, body["names"], body["dtypes"], body["shapes"])
-        twice = [n for n, _ in tensors if n in self._seen]
-        if twice:
-            raise ValueError(f"weight stream sent {twice[0]!r} twice in one update")
-        with self.lock:
-            self.engine.update_weights([tensors], strict=False)
-        self._seen.update(n for n, _ in tensors)
-        return dict(bytes=sum(t.numel() * t.element_size() for _, t in tensors))
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        twice = [n for n in names if n in self._seen] or [n for k, n in enumerate(names) if n in names[:k]]
+        params = dict(self.engine.model.named_parameters())
+        staged_meta, n_bytes = [], 0
+        # Whole bucket under the lock: no decode reads a half-written model.
+        with self.lock, torch.no_grad():
+            for name, dt, shape in zip(names, dtypes, shapes, strict=True):
+                p = params.get(name)
+                if (p is not None and not twice and str(p.dtype).removeprefix("torch.") == dt
+                        and list(p.shape) == [int(s) for s in shape] and p.is_contiguous()):
+                    # Same dtype and shape: receive straight into the parameter (no
+                    # staging buffer, no copy; the sync runs at the transport's speed).
+                    self.group.broadcast(p.data)
+                    n_bytes += p.numel() * p.element_size()
+                else:
+                    staged_meta.append((name, dt, shape))
+                    # Keep the broadcasts in order: receive this one now, staged.
+                    t = receive_tensors(self.group, [name], [dt], [shape])[0][1]
+                    staged_meta[-1] = (name, t)
+                    n_bytes += t.numel() * t.element_size()
+            if twice:
+                raise ValueError(f"weight stream sent {twice[0]!r} twice in one update")
+            if staged_meta:  # other dtype (e.g. bf16 stream into an fp32 engine) or unknown
+                self.engine.update_weights([staged_meta], strict=False)
+        self._seen.update(names)
+        return dict(bytes=n_bytes)
 
     def commit(self, body: dict) -> dict:
         params = {n for n, _ in self.engine.model.named_parameters()}

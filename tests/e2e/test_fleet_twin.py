@@ -132,10 +132,20 @@ def test_fleet_twin_kill_and_resync(model_dir):
         fleet.close()
 
 
-def test_fleet_without_engines_names_them(model_dir):
+def test_fleet_bf16_stream_then_no_engines(model_dir):
     fleet = LocalFleet(1, model=model_dir, backend="twin", dtype="float32", startup_timeout_s=180)
     engine = create_engine("fleet", endpoints=fleet.endpoints, request_timeout_s=30, sync_timeout_s=20)
     try:
+        # a bf16 stream into an fp32 engine: staged and cast (not received in place)
+        torch.manual_seed(5)
+        trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            for p in trainer.parameters():
+                p.add_(torch.randn_like(p)).copy_(p.to(torch.bfloat16))
+        engine.update_weights([[(n, t.to(torch.bfloat16)) for n, t in b] for b in _buckets(trainer)])
+        _check_weights(engine, trainer, fleet.endpoints)
+        with pytest.raises(FleetError, match="bucket 0.*not a parameter of the local qwen2 model"):
+            engine.update_weights([[("model.nope", torch.zeros(3))]])
         fleet.kill(0)
         with pytest.raises(FleetError, match=r"no engine can serve the current weights:\n  http://127.0.0.1:\d+: down"):
             engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
