@@ -150,6 +150,7 @@ class FleetEngine:
         self.epoch = -1
         self._members: tuple = ()
         self._sender: Any = None
+        self._sender_cls: Any = GlooSender if backend == "twin" else NcclSender
         self.stats = dict(requests=0, retries=0, engine_failures=0, syncs=0, epochs=0)
         self._lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=max_in_flight * len(self.engines),
@@ -294,16 +295,15 @@ class FleetEngine:
         t0 = time.perf_counter()
         self.refresh()
         live = [st for st in self.engines if st.up]
-        if not live:
-            raise FleetError("fleet: no engine is up to receive weights: " +
-                             "; ".join(f"{st.endpoint.url}: {st.last_error}" for st in self.engines))
-        members = tuple((st.endpoint.url, st.instance) for st in live)
-        if members != self._members or any(st.stale for st in live) or self._sender is None:
-            self._form_group(live)
-        target = self.version + 1
-        n_bytes = n_buckets = 0
+        it = iter(stream)
         try:
-            for bucket in stream:
+            if not live:
+                raise FleetError("fleet: no engine is up to receive weights: " + "; ".join(
+                    f"{st.endpoint.url}: {st.last_error}" for st in self.engines))
+            live = self._ensure_group(live)
+            target = self.version + 1
+            n_bytes = n_buckets = 0
+            for bucket in it:
                 if not bucket:
                     continue
                 meta = bucket_meta(bucket)
@@ -316,6 +316,10 @@ class FleetEngine:
                 target, epoch=self.epoch, timeout=self.sync_timeout_s), what="commit")
         except BaseException:
             self._sender, self._members = None, ()  # a failed sync re-forms the group
+            # The stream is usually a collective export: the trainer's other ranks are
+            # iterating it in lockstep, so exhaust it before raising (nothing hangs).
+            for _ in it:
+                pass
             raise
         self.version = target
         for st in live:
@@ -324,6 +328,23 @@ class FleetEngine:
         return dict(engines=len(live), buckets=n_buckets, bytes=n_bytes,
                     seconds=time.perf_counter() - t0, epoch=self.epoch)
 
+    def _ensure_group(self, live: list[_EngineState]) -> list[_EngineState]:
+        """The current group if its members are still the live engines, else a new epoch;
+        an engine that fails to join is dropped and the group formed again without it
+        (no bucket has been sent yet). Returns the members."""
+        while True:
+            members = tuple((st.endpoint.url, st.instance) for st in live)
+            if members == self._members and self._sender is not None and not any(st.stale for st in live):
+                return live
+            try:
+                self._form_group(live)
+                return live
+            except FleetError:
+                survivors = [st for st in live if st.up]
+                if not survivors or len(survivors) == len(live):
+                    raise
+                live = survivors
+
     def _form_group(self, live: list[_EngineState]) -> None:
         self.epoch += 1
         self.stats["epochs"] += 1
@@ -331,8 +352,7 @@ class FleetEngine:
         sizes = self._collective(live, lambda st: st.endpoint.members(timeout=self.sync_timeout_s),
                                  what="member count")
         world = 1 + sum(sizes)
-        cls = GlooSender if self.backend == "twin" else NcclSender
-        sender = cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
+        sender = self._sender_cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
         offsets = [1 + sum(sizes[:k]) for k in range(len(live))]
         ranks = {id(st): off for st, off in zip(live, offsets)}
         self._collective(live, lambda st: st.endpoint.join(
