@@ -89,7 +89,9 @@ class FleetEngine:
     folder if not a folder) with ``dtype``. ``sync_host`` is this process's address as
     the engines reach it; ``sync_port`` the first rendezvous port (epoch e uses
     ``sync_port + e``; None picks free ports). A request is tried at most ``max_attempts``
-    times (on other engines first). ``allow_truncation`` lets top-p / top-k
+    times (on other engines first). ``max_in_flight`` requests per engine (default 8 for
+    the twin, 64 for vLLM; each in-flight request holds one client thread).
+    ``allow_truncation`` lets top-p / top-k
     through (see ``check_ratio_sampling``).
     """
 
@@ -107,7 +109,7 @@ class FleetEngine:
         request_timeout_s: float = 600.0,
         sync_timeout_s: float = 300.0,
         health_timeout_s: float = 10.0,
-        max_in_flight: int = 8,
+        max_in_flight: int | None = None,
         rows_per_request: int | None = None,
         max_attempts: int = 4,
         allow_truncation: bool = False,
@@ -115,6 +117,8 @@ class FleetEngine:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"fleet backend {backend!r} is not one of {BACKENDS}")
+        if max_in_flight is None:  # vLLM batches many requests itself; the twin decodes in batches
+            max_in_flight = 8 if backend == "twin" else 64
         for name, v in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts),
                         ("num_engines", num_engines)):
             if v < 1:
