@@ -113,7 +113,8 @@ def _gather_tp_to_first(name: str, param: torch.nn.Parameter, dtype: torch.dtype
     """Full tensor in ``dtype`` on TP rank 0 of this stage, None on the other TP ranks.
 
     Shards are cast before they travel (half the bytes for bf16, and the cast commutes
-    with the gather); dim-0 shards are gathered straight into their slice of the result.
+    with the gather); dim-0 shards (gate/up halves separately) are gathered straight into
+    their slice of the result.
     """
     from megatron.core import parallel_state as ps
 
@@ -126,17 +127,23 @@ def _gather_tp_to_first(name: str, param: torch.nn.Parameter, dtype: torch.dtype
     first = dist.get_global_rank(group, 0)
     dim = int(param.partition_dim)
     gated = is_gated_fc1(name)
+    # A gated fc1 shard is [gate_r; up_r] and the full tensor [gate_0..; up_0..]: two
+    # gathers, one per half, land each half straight in its slice (no parts, no cat).
+    halves = list(data.chunk(2, dim=0)) if dim == 0 and gated else [data]
     if rank != 0:
-        dist.gather(data.contiguous(), None, dst=first, group=group)
+        for h in halves:
+            dist.gather(h.contiguous(), None, dst=first, group=group)
         return None
-    if dim == 0 and not gated:
+    if dim == 0:
         shape = list(data.shape)
         shape[0] *= size
-        full = torch.empty(shape, dtype=dtype)
-        parts = list(full.chunk(size, dim=0))  # contiguous views: no extra copy
-        dist.gather(data.contiguous(), parts, dst=first, group=group)
+        # On the shard's device: NCCL refuses CPU tensors (never the default device).
+        full = torch.empty(shape, dtype=dtype, device=data.device)
+        for h, dst in zip(halves, full.chunk(len(halves), dim=0)):
+            parts = list(dst.chunk(size, dim=0))  # contiguous views: no extra copy
+            dist.gather(h.contiguous(), parts, dst=first, group=group)
         return full
-    parts = [torch.empty_like(data) for _ in range(size)]
+    parts = [torch.empty_like(data) for _ in range(size)]  # empty_like keeps data's device
     dist.gather(data.contiguous(), parts, dst=first, group=group)
     return assemble_tp_parts(name, parts, dim)
 
@@ -169,6 +176,9 @@ def export_hf_buckets(
             "data/context-parallel replica (global rank 0 always is)"
         )
     pp_group = ps.get_pipeline_model_parallel_group()
+    # Receive buffers live where the model does (cuda under NCCL), not on the default
+    # device: NCCL rejects CPU tensors.
+    device = next(iter(local.values())).device
     bucket: list[tuple[str, torch.Tensor]] = []
     for k, name in enumerate(plan.names):
         if k > 0 and plan.bucket_of[k] != plan.bucket_of[k - 1]:
@@ -185,7 +195,7 @@ def export_hf_buckets(
             # The holder is the owner stage's rank in src's own pipeline group (same TP
             # rank 0, same replica).
             holder = dist.get_global_rank(pp_group, owner)
-            full = torch.empty(mapping.megatron_shape(name), dtype=dtype)
+            full = torch.empty(mapping.megatron_shape(name), dtype=dtype, device=device)
             dist.recv(full, src=holder)
         if is_src:
             for hf_name, t in mapping.to_hf(name, full):

@@ -1,7 +1,7 @@
 """Rollout engines (the protocol, the embedded ``local`` engine, the ``vllm`` fleet) and
 multi-turn tool-use rollouts over any of them."""
 
-from megatron_alp.rollout import local, vllm_engine  # noqa: F401  (register engines)
+from megatron_alp.rollout import fleet, local, vllm_engine  # noqa: F401  (register engines)
 from megatron_alp.rollout.base import (
     Completion,
     RolloutEngine,

@@ -9,6 +9,7 @@ updates as a stream of HF-named tensor buckets (see ``megatron_alp.convert``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -19,6 +20,7 @@ __all__ = [
     "SamplingParams",
     "WeightBucket",
     "available_engines",
+    "check_ratio_sampling",
     "create_engine",
     "register_engine",
 ]
@@ -51,8 +53,10 @@ class SamplingParams:
     results do not depend on how prompts are batched. None draws from torch's RNG."""
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"SamplingParams.temperature must be finite and >= 0, got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -63,6 +67,37 @@ class SamplingParams:
             )
         if self.n < 1:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+
+
+MIN_TEMPERATURE = 0.01
+"""vLLM raises any temperature in (0, 0.01) to 0.01 with only a warning (vllm 0.10.2 and
+0.33.0 ``sampling_params.py``, ``_MAX_TEMP = 1e-2``): its log-probs would then be those of
+T = 0.01 while the trainer divides by the requested T."""
+
+
+def check_ratio_sampling(sp: SamplingParams, *, allow_truncation: bool = False) -> None:
+    """Refuse sampling settings whose rollout log-probs the trainer cannot reproduce.
+
+    The trainer's log-probs apply the temperature only
+    (``megatron_alp.rl.logprobs.vocab_parallel_logprobs(..., temperature=...)``), while
+    processed rollout log-probs are renormalised over the top-k / top-p set: with
+    ``top_p < 1`` or ``top_k > 0`` every importance ratio would be biased. Pass
+    ``allow_truncation=True`` only when the trainer computes the same truncated
+    distribution. Temperatures in (0, 0.01) are refused because vLLM silently clamps them.
+    """
+    if not allow_truncation and (sp.top_p < 1.0 or sp.top_k > 0):
+        raise ValueError(
+            f"SamplingParams top_p={sp.top_p}, top_k={sp.top_k}: rollout log-probs would be "
+            "renormalised over the truncated vocabulary while the trainer's log-probs apply "
+            "the temperature only, biasing every importance ratio; use top_p=1.0 and "
+            "top_k=-1 (or allow_truncation=True if the trainer truncates the same way)"
+        )
+    if 0 < sp.temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"SamplingParams.temperature={sp.temperature} is below {MIN_TEMPERATURE}: vLLM "
+            f"clamps it to {MIN_TEMPERATURE}, so its log-probs would not match the trainer's; "
+            f"use 0 (greedy) or >= {MIN_TEMPERATURE}"
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,7 +113,9 @@ class Completion:
     logprobs: list[float]
     """log pi(token) under the processed sampling distribution, one per token."""
     finish_reason: str
-    """``stop`` (a stop/EOS token) or ``length`` (max_new_tokens reached)."""
+    """``stop`` (a stop/EOS token) or ``length`` (max_new_tokens reached); an engine
+    never turns vLLM's ``abort`` into either (the fleet client retries aborted requests,
+    the in-process vLLM engine raises)."""
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from megatron_alp.rollout.base import (
     WeightBucket,
     register_engine,
 )
-from megatron_alp.rollout.sampling import process_logits, sample
+from megatron_alp.rollout.sampling import completion_seed, process_logits, sample
 
 __all__ = ["LocalEngine"]
 
@@ -27,11 +27,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.
            "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _row_seed(seed: int, prompt: int, sample_idx: int) -> int:
-    # A fixed mix of (seed, prompt, sample) into 63 bits: a completion's randomness does
-    # not depend on which other prompts share its batch.
-    x = (seed * 0x9E3779B97F4A7C15 + prompt * 0xBF58476D1CE4E5B9 + sample_idx * 0x94D049BB133111EB)
-    return x % (2**63 - 1)
+_row_seed = completion_seed  # the per-completion seed, shared with every engine
 
 
 @register_engine("local")
@@ -89,10 +85,22 @@ class LocalEngine:
         """n completions per prompt, ordered by (prompt_index, sample_index)."""
         rows = []
         for i, prompt in enumerate(prompt_token_ids):
+            for j in range(sampling.n):
+                rows.append((i, j, prompt))
+        return self.generate_rows(rows, sampling)
+
+    @torch.no_grad()
+    def generate_rows(
+        self, rows: Sequence[tuple[int, int, Sequence[int]]], sampling: SamplingParams
+    ) -> list[Completion]:
+        """One completion per row ``(prompt_index, sample_index, prompt_token_ids)``, in row
+        order; ``sampling.n`` is ignored. The indices pick the completion's seed, so a row
+        draws the same tokens whatever else is batched with it (the fleet's engines serve
+        arbitrary subsets of a generation this way)."""
+        rows = [(int(i), int(j), list(p)) for i, j, p in rows]
+        for i, j, prompt in rows:
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            for j in range(sampling.n):
-                rows.append((i, j, list(prompt)))
         out: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):
             out.extend(self._generate_rows(rows[start : start + self.max_batch_size], sampling))

@@ -11,7 +11,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["process_logits", "sample"]
+__all__ = ["completion_seed", "process_logits", "sample"]
+
+_SEED_MOD = 2**63 - 1
+
+
+def completion_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of completion ``sample_index`` of prompt ``prompt_index`` (in [0, 2**63 - 1)).
+
+    A fixed mix of the three numbers, so a completion's randomness depends neither on how
+    prompts are batched nor on which engine serves it (a retry on another engine draws
+    the same tokens). Every engine seeds each completion with it on its own: vLLM's
+    ``n > 1`` derives sample j's seed as ``seed + j`` (vllm 0.10.2
+    ``v1/engine/parallel_sampling.py``), which would make (prompt i, sample j + 1) and
+    (prompt i + 1, sample j) draw the same noise whenever prompt seeds are consecutive.
+    """
+    x = seed * 0x9E3779B97F4A7C15 + prompt_index * 0xBF58476D1CE4E5B9 + sample_index * 0x94D049BB133111EB
+    # One round of splitmix64-style mixing so nearby inputs give unrelated seeds.
+    x &= 2**64 - 1
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    x ^= x >> 32
+    return x % _SEED_MOD
 
 
 def process_logits(

@@ -1,77 +1,58 @@
-"""``VLLMEngine``: a fleet of vLLM engines in BF16, weights pushed after every step.
+"""``VLLMEngine``: one vLLM engine colocated with the trainer (sleep mode + CUDA IPC).
 
-One or more ``vllm.LLM`` instances (each with its own tensor parallelism, on GPUs the
-trainer does not use, or colocated on the trainer's GPUs with sleep mode). Prompts are
-split over the engines in balanced contiguous chunks; log-probs come back in
-``processed_logprobs`` mode; after every weight update the prefix cache is reset (vLLM
-does not do it itself), so no stale KV is reused.
+The in-process engine shares the trainer's GPUs: ``sleep()`` frees its memory while the
+trainer runs, weights travel by CUDA IPC handles (no copy through the host), and
+``update_weights`` wakes the engine in the one order that works (below). For engines on
+their *own* GPUs and nodes use the ``fleet`` engine (``fleet.py``) with ``vllm serve``
+processes: an in-process ``vllm.LLM`` binds its workers to ``cuda:0..TP-1`` of the
+trainer's process — the trainer's own GPUs — so a second engine or an NCCL broadcast
+from the trainer's GPU to a worker on that same GPU cannot work ("Duplicate GPU").
 
-Weight transport (see ``vllm_worker.py``): NCCL broadcast from the trainer's sending rank
-over a stateless process group that spans it and every worker of every engine; or, when
-colocated, CUDA IPC handles. The trainer passes HF-named, full tensors in buckets
-(``megatron_alp.convert`` live export); vLLM's ``load_weights`` fuses and reshards.
+Weight update after ``sleep(level)``: a level-1 sleep unmaps the weights' GPU memory
+(loading into it is an illegal access) and a plain ``wake_up()`` restores the *old* CPU
+copy; so: ``wake_up(tags=["weights"])`` -> load the new tensors -> ``wake_up(tags=
+["kv_cache"])`` -> ``reset_prefix_cache()`` (vLLM does not reset it on a weight update;
+its False answer — blocks in use — is an error). vllm 0.10.2 ``v1/worker/gpu_worker.py``
+``sleep`` / ``wake_up``; in 0.33 a partial wake keeps the scheduler paused until every
+tag is resident, which this order satisfies.
 
 Supported vLLM versions: ``SUPPORTED_VLLM`` in ``vllm_support.py`` (docs/rollout.md).
 """
 
 from __future__ import annotations
 
-import threading
+import gc
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from megatron_alp.rollout.base import Completion, SamplingParams, WeightBucket, register_engine
+from megatron_alp.rollout.base import (
+    Completion,
+    SamplingParams,
+    WeightBucket,
+    check_ratio_sampling,
+    register_engine,
+)
 from megatron_alp.rollout.vllm_support import (
-    assign_prompts,
-    bucket_meta,
     check_vllm_version,
     completions_from_outputs,
     engine_kwargs,
+    ipc_payload,
+    require_reset,
     sampling_kwargs,
 )
 
 __all__ = ["VLLMEngine"]
 
 
-def _run_parallel(calls: Sequence[tuple[Any, tuple, dict]], *, alongside: Any = None) -> list[Any]:
-    """Run ``fn(*args, **kw)`` for each call in its own thread (and ``alongside()`` in this
-    one); return the results in order and re-raise the first exception of any thread.
-
-    ``collective_rpc`` blocks until the workers return, and a worker that receives by
-    broadcast returns only after this process has sent: the sender must run beside it.
-    """
-    results: list[Any] = [None] * len(calls)
-    errors: list[BaseException] = []
-
-    def target(i: int, fn: Any, args: tuple, kw: dict) -> None:
-        try:
-            results[i] = fn(*args, **kw)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=target, args=(i, *c)) for i, c in enumerate(calls)]
-    for t in threads:
-        t.start()
-    try:
-        if alongside is not None:
-            alongside()
-    finally:
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 @register_engine("vllm")
 class VLLMEngine:
-    """A fleet of ``num_engines`` vLLM engines serving ``model`` (an HF folder).
+    """One colocated vLLM engine serving ``model`` (an HF folder) on the trainer's GPUs.
 
-    ``colocate=True`` shares the trainer's GPUs: sleep mode frees vLLM's memory between
-    generations and weights travel by CUDA IPC. Otherwise weights travel by NCCL from
-    the trainer process that calls :meth:`update_weights` (the export stream's sending
-    rank) to all workers; ``sync_address``/``sync_port`` is that rendezvous.
+    Weights arrive from the process that calls :meth:`update_weights` (the export
+    stream's sending rank) by CUDA IPC. ``num_engines`` and ``colocate=False`` are
+    refused with a pointer to the ``fleet`` engine (see the module docstring).
+    ``allow_truncation`` lets top-p / top-k through (see ``check_ratio_sampling``).
     """
 
     def __init__(
@@ -80,127 +61,112 @@ class VLLMEngine:
         *,
         num_engines: int = 1,
         tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
+        gpu_memory_utilization: float = 0.5,
         max_model_len: int | None = None,
-        colocate: bool = False,
-        sync_address: str = "127.0.0.1",
-        sync_port: int = 29600,
+        colocate: bool = True,
         seed: int = 0,
+        allow_truncation: bool = False,
         llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if num_engines != 1 or not colocate:
+            raise ValueError(
+                f"vllm engine: num_engines={num_engines}, colocate={colocate}: the in-process "
+                "engine is one engine colocated with the trainer; for engines on their own "
+                "GPUs use create_engine('fleet', backend='vllm', ...) with `vllm serve` "
+                "processes (python -m megatron_alp.rollout.fleet_launch --backend vllm)"
+            )
         check_vllm_version()
         if not torch.cuda.is_available():
             raise RuntimeError("the vllm rollout engine needs CUDA; use the 'local' engine on CPU")
         import vllm
 
-        if num_engines < 1:
-            raise ValueError(f"num_engines must be >= 1, got {num_engines}")
-        self.colocate = colocate
-        self.tp = tensor_parallel_size
-        self.engines = [
-            vllm.LLM(
-                **engine_kwargs(
-                    model,
-                    tensor_parallel_size=tensor_parallel_size,
-                    gpu_memory_utilization=gpu_memory_utilization,
-                    max_model_len=max_model_len,
-                    colocate=colocate,
-                    seed=seed + e,
-                    extra=llm_kwargs,
-                )
-            )
-            for e in range(num_engines)
-        ]
-        self._comm = None
-        if not colocate:
-            self._init_nccl(sync_address, sync_port)
+        kw = engine_kwargs(
+            model, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            colocate=True, seed=seed, extra=llm_kwargs,
+        )
+        self._attach(vllm.LLM(**kw), allow_truncation=allow_truncation)
+
+    def _attach(self, llm: Any, *, allow_truncation: bool = False) -> None:
+        """State around a built ``vllm.LLM`` (separate so the call order is testable)."""
+        self.llm = llm
+        self.allow_truncation = allow_truncation
+        self.sleep_level = 0  # 0 = awake
 
     # -- weight sync ---------------------------------------------------------------------
-    def _init_nccl(self, address: str, port: int) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        world = 1 + len(self.engines) * self.tp
-
-        def join() -> None:
-            pg = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world)
-            self._comm = PyNcclCommunicator(pg, device=torch.cuda.current_device())
-
-        _run_parallel(
-            [
-                (llm.collective_rpc, ("init_weight_sync",), dict(args=(address, port, 1 + e * self.tp, world)))
-                for e, llm in enumerate(self.engines)
-            ],
-            alongside=join,
-        )
-
     def update_weights(self, stream: Iterable[WeightBucket]) -> None:
-        """Push every bucket to every worker, then reset the engines' prefix caches."""
+        """Load every bucket by IPC, waking a sleeping engine in the right order, then
+        reset the prefix cache."""
+        if self.sleep_level:
+            self.llm.wake_up(tags=["weights"])
         for bucket in stream:
-            if self.colocate:
-                self._send_ipc(bucket)
-            else:
-                self._send_nccl(bucket)
-        for llm in self.engines:
-            llm.reset_prefix_cache()
+            if bucket:
+                self._load_bucket(bucket)
+        if self.sleep_level:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.sleep_level = 0
+        require_reset(self.llm.reset_prefix_cache(), "vllm engine")
 
-    def _send_nccl(self, bucket: WeightBucket) -> None:
-        meta = bucket_meta(bucket)
-        args = (list(meta.names), list(meta.dtypes), [list(s) for s in meta.shapes])
-
-        def send() -> None:
-            stream = torch.cuda.current_stream()
-            for _, tensor in bucket:
-                self._comm.broadcast(tensor.cuda().contiguous(), src=0, stream=stream)
-            stream.synchronize()
-
-        _run_parallel(
-            [(llm.collective_rpc, ("receive_bucket",), dict(args=args)) for llm in self.engines],
-            alongside=send,
-        )
-
-    def _send_ipc(self, bucket: WeightBucket) -> None:
+    def _load_bucket(self, bucket: WeightBucket) -> None:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        keep = [(name, t.cuda().contiguous()) for name, t in bucket]
-        handles = {uuid: [(name, reduce_tensor(t)) for name, t in keep]}
-        for llm in self.engines:
-            llm.collective_rpc("receive_ipc", args=(handles,))
-        torch.cuda.synchronize()
+        keep = [(name, t.cuda().contiguous()) for name, t in bucket]  # alive until loaded
+        items = []
+        for name, t in keep:
+            uuid = str(torch.cuda.get_device_properties(t.device).uuid)
+            items.append([name, ipc_payload(reduce_tensor(t), uuid)])
+        torch.cuda.synchronize()  # the copies exist before another process reads them
+        self.llm.collective_rpc("receive_ipc", args=(items,))
+        del keep
 
     def sleep(self, level: int = 1) -> None:
-        """Free GPU memory (colocated mode): level 1 offloads weights, 2 drops them."""
-        for llm in self.engines:
-            llm.sleep(level=level)
+        """Free GPU memory: level 1 offloads weights to CPU, level 2 drops them (the next
+        :meth:`update_weights` must then send every tensor)."""
+        if level not in (1, 2):
+            raise ValueError(f"vllm engine sleep level must be 1 or 2, got {level}")
+        self.llm.sleep(level=level)
+        self.sleep_level = level
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        """Re-allocate memory after :meth:`sleep` (``tags`` e.g. ["weights"], ["kv_cache"])."""
-        for llm in self.engines:
-            llm.wake_up(tags=list(tags) if tags is not None else None)
+        """Re-allocate memory after :meth:`sleep` without a weight update."""
+        self.llm.wake_up(tags=list(tags) if tags is not None else None)
+        if tags is None or "kv_cache" in tags:
+            self.sleep_level = 0
 
     # -- generation ----------------------------------------------------------------------
     def generate(
         self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams
     ) -> list[Completion]:
-        """Balanced over the engines (in threads); results ordered by prompt."""
+        """n completions per prompt (one seeded request each), ordered by prompt."""
         import vllm
 
-        parts = assign_prompts(len(prompt_token_ids), len(self.engines))
-
-        def run(e: int) -> list[Completion]:
-            idx = parts[e]
-            if not idx:
-                return []
-            prompts = [{"prompt_token_ids": list(prompt_token_ids[i])} for i in idx]
-            params = [vllm.SamplingParams(**sampling_kwargs(sampling, prompt_index=i)) for i in idx]
-            outs = self.engines[e].generate(prompts, params, use_tqdm=False)
-            return completions_from_outputs(outs, idx)
-
-        results = _run_parallel([(run, (e,), {}) for e in range(len(self.engines))])
-        return [c for part in results for c in part]
+        check_ratio_sampling(sampling, allow_truncation=self.allow_truncation)
+        if self.sleep_level:
+            raise RuntimeError("vllm engine is asleep: call wake_up() or update_weights() first")
+        keys = [(i, j) for i in range(len(prompt_token_ids)) for j in range(sampling.n)]
+        prompts = [{"prompt_token_ids": list(prompt_token_ids[i])} for i, _ in keys]
+        params = [vllm.SamplingParams(**sampling_kwargs(sampling, prompt_index=i, sample_index=j))
+                  for i, j in keys]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        comps = completions_from_outputs(outs, keys)
+        bad = [c for c in comps if c.finish_reason not in ("stop", "length")]
+        if bad:
+            raise RuntimeError(
+                f"vllm engine: prompt {bad[0].prompt_index} sample {bad[0].sample_index} "
+                f"finished with {bad[0].finish_reason!r} ({len(bad)} such completions)"
+            )
+        return comps
 
     def close(self) -> None:
-        """Shut the engines down."""
-        self.engines = []
-        self._comm = None
+        """Shut the engine core (and its worker processes) down and free GPU memory."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()  # vllm 0.10.2 / 0.33 v1/engine/core_client.py
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from megatron_alp.rollout.base import Completion, SamplingParams, WeightBucket
+from megatron_alp.rollout.sampling import completion_seed
 
 __all__ = [
     "SUPPORTED_VLLM",
@@ -22,6 +23,13 @@ __all__ = [
     "check_vllm_version",
     "completions_from_outputs",
     "engine_kwargs",
+    "finish_reason",
+    "ipc_payload",
+    "local_device_of_uuid",
+    "rebuild_ipc_args",
+    "require_pynccl",
+    "require_reset",
+    "workers_per_engine",
     "sampling_kwargs",
 ]
 
@@ -62,15 +70,21 @@ def check_vllm_version(version: str | None = None) -> str:
     return version
 
 
-def sampling_kwargs(sp: SamplingParams, *, prompt_index: int = 0) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.SamplingParams`` equivalent to ``sp`` (one request).
+def sampling_kwargs(
+    sp: SamplingParams, *, prompt_index: int = 0, sample_index: int = 0
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams`` for ONE completion (``n=1``).
 
-    ``logprobs=0`` returns the sampled token's log-prob only; the engine-wide
-    ``logprobs_mode="processed_logprobs"`` makes it the processed distribution's. Seeds
-    are per prompt (vLLM draws the n samples of a request from one seeded generator).
+    Every completion is its own request with its own seed
+    (:func:`~megatron_alp.rollout.sampling.completion_seed`): vLLM's ``n > 1`` seeds
+    sample j with ``seed + j`` (vllm 0.10.2 ``v1/engine/parallel_sampling.py``), which
+    collides across prompts. The n requests of a prompt share its prefix through the
+    prefix cache, so little is lost. ``logprobs=0`` returns the sampled token's log-prob
+    only; the engine-wide ``logprobs_mode="processed_logprobs"`` makes it the processed
+    distribution's. Call :func:`~megatron_alp.rollout.base.check_ratio_sampling` first.
     """
     kw: dict[str, Any] = dict(
-        n=sp.n,
+        n=1,
         temperature=sp.temperature,
         top_p=sp.top_p,
         top_k=sp.top_k if sp.top_k > 0 else -1,
@@ -82,7 +96,7 @@ def sampling_kwargs(sp: SamplingParams, *, prompt_index: int = 0) -> dict[str, A
     if sp.stop_token_ids:
         kw["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.seed is not None:
-        kw["seed"] = (sp.seed * 1_000_003 + prompt_index) % (2**31 - 1)
+        kw["seed"] = completion_seed(sp.seed, prompt_index, sample_index)
     return kw
 
 
@@ -90,6 +104,7 @@ def engine_kwargs(
     model: str,
     *,
     tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.85,
     max_model_len: int | None = None,
     colocate: bool = False,
@@ -99,12 +114,20 @@ def engine_kwargs(
     """Keyword arguments for ``vllm.LLM``: BF16, processed log-probs, our worker extension.
 
     ``colocate`` turns on sleep mode (the engine frees its weights and KV cache while
-    the trainer runs on the same GPUs).
+    the trainer runs on the same GPUs). Data parallelism inside one engine is refused:
+    run more engines instead (each is one member set of the weight-sync group).
     """
+    extra = dict(extra or {})
+    if int(extra.get("data_parallel_size", 1)) != 1:
+        raise ValueError(
+            f"llm_kwargs data_parallel_size={extra['data_parallel_size']}: one engine must "
+            "be one data-parallel replica; start more engines instead"
+        )
     kw: dict[str, Any] = dict(
         model=model,
         dtype="bfloat16",
         tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         logprobs_mode="processed_logprobs",
         worker_extension_cls="megatron_alp.rollout.vllm_worker.WeightSyncExtension",
@@ -114,31 +137,135 @@ def engine_kwargs(
     )
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
-    kw.update(extra or {})
+    kw.update(extra)
     return kw
 
 
-def completions_from_outputs(outputs: Sequence[Any], prompt_indices: Sequence[int]) -> list[Completion]:
-    """Convert vLLM ``RequestOutput``s into :class:`Completion`s.
+def workers_per_engine(tensor_parallel_size: int, pipeline_parallel_size: int = 1) -> int:
+    """Workers of one engine, i.e. its members in the weight-sync group (TP x PP): every
+    worker holds a slice of the model and receives the full broadcast."""
+    for name, v in (("tensor_parallel_size", tensor_parallel_size),
+                    ("pipeline_parallel_size", pipeline_parallel_size)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    return tensor_parallel_size * pipeline_parallel_size
 
-    Each output's ``outputs[j].logprobs`` is a list (one per token) of dicts
-    ``{token_id: Logprob}``; the sampled token's entry is the one used.
+
+def require_pynccl(comm: Any, who: str) -> None:
+    """Fail loudly when vLLM's ``PyNcclCommunicator`` came up disabled.
+
+    A disabled communicator (world size 1, no NCCL library, or ``VLLM_DISABLE_PYNCCL=1``
+    in 0.33) turns every ``broadcast`` into a silent no-op (vllm 0.10.2 / 0.33.0
+    ``distributed/device_communicators/pynccl.py``): engines would keep their old
+    weights while the trainer believes they were updated.
+    """
+    if getattr(comm, "disabled", True):
+        raise RuntimeError(
+            f"{who}: vLLM's PyNcclCommunicator is disabled (world size 1, NCCL library not "
+            "found, or VLLM_DISABLE_PYNCCL=1); weight broadcasts would be silent no-ops"
+        )
+
+
+def require_reset(result: Any, engine: str) -> bool:
+    """Interpret ``reset_prefix_cache()``'s answer; False (blocks still in use) raises.
+
+    vLLM >= 0.11 answers True / False; 0.10.2's ``LLM.reset_prefix_cache`` drops the
+    scheduler's bool and answers None (``v1/engine/llm_engine.py``), which is accepted
+    because the engines are idle during a weight update (the trainer calls
+    ``update_weights`` between generations). Returns whether the reset was confirmed.
+    """
+    if result is False:
+        raise RuntimeError(
+            f"{engine}: reset_prefix_cache() returned False (KV blocks still in use): cached "
+            "prefixes computed with the old weights would be reused; update weights only "
+            "while the engine is idle"
+        )
+    return result is True
+
+
+def _opt_bytes(x: Any) -> bytes | None:
+    return None if x is None else bytes(x)
+
+
+def ipc_payload(reduced: tuple[Any, tuple], gpu_uuid: str) -> dict[str, Any]:
+    """Plain (msgpack-safe) form of ``torch.multiprocessing.reductions.reduce_tensor``'s
+    answer for a CUDA tensor, tagged with the GPU UUID that holds the memory.
+
+    vLLM sends ``collective_rpc`` arguments with msgpack and refuses functions, classes
+    and dtypes unless ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (vllm 0.10.2
+    ``v1/serial_utils.py`` ``enc_hook``); this keeps only ints, bools, bytes and strings.
+    """
+    _rebuild, args = reduced
+    (_cls, size, stride, offset, _storage_cls, dtype, device, handle, storage_size,
+     storage_offset, requires_grad, ref_handle, ref_offset, event_handle, event_sync) = args
+    return dict(
+        gpu_uuid=str(gpu_uuid), device=int(device), size=[int(x) for x in size],
+        stride=[int(x) for x in stride], offset=int(offset),
+        dtype=str(dtype).removeprefix("torch."), handle=_opt_bytes(handle),
+        storage_size=int(storage_size), storage_offset=int(storage_offset),
+        requires_grad=bool(requires_grad), ref_handle=_opt_bytes(ref_handle),
+        ref_offset=int(ref_offset), event_handle=_opt_bytes(event_handle),
+        event_sync=bool(event_sync),
+    )
+
+
+def rebuild_ipc_args(payload: dict[str, Any], device_index: int) -> tuple:
+    """Arguments of ``torch.multiprocessing.reductions.rebuild_cuda_tensor`` for a payload
+    of :func:`ipc_payload`, opened on ``device_index`` (the receiver's index of the GPU
+    that holds the memory: indices differ between processes, UUIDs do not)."""
+    return (
+        torch.Tensor, torch.Size(payload["size"]), tuple(payload["stride"]), payload["offset"],
+        torch.storage.TypedStorage, getattr(torch, payload["dtype"]), int(device_index),
+        payload["handle"], payload["storage_size"], payload["storage_offset"],
+        payload["requires_grad"], payload["ref_handle"], payload["ref_offset"],
+        payload["event_handle"], payload["event_sync"],
+    )
+
+
+def local_device_of_uuid(uuid: str, visible_uuids: Sequence[str]) -> int:
+    """This process's index of the GPU with ``uuid``; ValueError if it is not visible."""
+    for k, u in enumerate(visible_uuids):
+        if str(u) == str(uuid):
+            return k
+    raise ValueError(
+        f"colocated weight sync: the sender's GPU {uuid} is not visible to this vLLM worker "
+        f"(visible: {list(map(str, visible_uuids))}); colocated engines must see the trainer's "
+        "GPUs (do not restrict CUDA_VISIBLE_DEVICES below the node's trainer GPUs)"
+    )
+
+
+def finish_reason(raw: Any) -> str:
+    """vLLM's finish reason as ours: ``stop`` / ``length`` kept, anything else (``abort``;
+    0.33 adds ``error`` and ``repetition``) reported as itself, never as ``stop``."""
+    return str(raw) if raw is not None else "abort"
+
+
+def completions_from_outputs(
+    outputs: Sequence[Any], keys: Sequence[tuple[int, int]]
+) -> list[Completion]:
+    """Convert vLLM ``RequestOutput``s of n=1 requests into :class:`Completion`s.
+
+    ``keys[r]`` is the (prompt index, sample index) of request r. Each output's
+    ``outputs[0].logprobs`` is a list (one per token) of dicts ``{token_id: Logprob}``;
+    the sampled token's entry is the one used.
     """
     result = []
-    for out, i in zip(outputs, prompt_indices, strict=True):
-        for j, comp in enumerate(out.outputs):
-            ids = list(comp.token_ids)
-            if comp.logprobs is None or len(comp.logprobs) != len(ids):
-                raise ValueError(
-                    f"vLLM output for prompt {i} has no per-token logprobs; the request must "
-                    "set logprobs=0"
-                )
-            lps = []
-            for t, entry in zip(ids, comp.logprobs):
-                lp = entry[t]
-                lps.append(float(getattr(lp, "logprob", lp)))
-            reason = "length" if comp.finish_reason == "length" else "stop"
-            result.append(Completion(i, j, ids, lps, reason))
+    for out, (i, j) in zip(outputs, keys, strict=True):
+        if len(out.outputs) != 1:
+            raise ValueError(f"vLLM output for prompt {i} sample {j} has {len(out.outputs)} "
+                             "completions; requests are built with n=1")
+        comp = out.outputs[0]
+        ids = list(comp.token_ids)
+        if comp.logprobs is None or len(comp.logprobs) != len(ids):
+            raise ValueError(
+                f"vLLM output for prompt {i} has no per-token logprobs; the request must "
+                "set logprobs=0"
+            )
+        lps = []
+        for t, entry in zip(ids, comp.logprobs):
+            lp = entry[t]
+            lps.append(float(getattr(lp, "logprob", lp)))
+        result.append(Completion(i, j, ids, lps, finish_reason(comp.finish_reason)))
     return result
 
 

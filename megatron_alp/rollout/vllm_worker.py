@@ -1,15 +1,20 @@
 """Worker extension loaded into every vLLM worker (``worker_extension_cls``).
 
-vLLM mixes this class into its GPU worker, and the engine side calls its methods with
-``LLM.collective_rpc(name, args=...)``. Two transports:
+vLLM mixes this class into its GPU worker; the engine side calls its methods with
+``LLM.collective_rpc(name, args=...)`` (in-process engine) or ``POST /collective_rpc``
+(``vllm serve`` with ``VLLM_SERVER_DEV_MODE=1``, the fleet). Every argument and result
+is plain data (ints, strings, bytes, lists, dicts): vLLM sends them with msgpack and
+refuses anything else unless ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (vllm 0.10.2
+``v1/serial_utils.py``). Two transports:
 
-* NCCL (a separate fleet): ``init_weight_sync`` joins a stateless process group with the
-  trainer (rank 0) — independent of both sides' torch.distributed worlds — and
-  ``receive_bucket(meta)`` receives each tensor of a bucket by broadcast, then hands the
-  HF-named full tensors to ``model.load_weights``, which fuses (q/k/v, gate/up) and
-  shards for vLLM's own tensor parallelism.
-* CUDA IPC (colocated on the trainer's GPUs): ``receive_ipc(handles)`` rebuilds tensors
-  from IPC handles keyed by the GPU's UUID, no copy through the host.
+* NCCL (the fleet, engines on their own GPUs and nodes): ``init_weight_sync`` joins a
+  stateless process group with the trainer's sending rank (rank 0) — independent of both
+  sides' torch.distributed worlds — and ``receive_bucket(names, dtypes, shapes)``
+  receives each tensor of a bucket by broadcast, then hands the HF-named full tensors to
+  ``model.load_weights``, which fuses (q/k/v, gate/up) and shards for vLLM's own TP.
+* CUDA IPC (colocated on the trainer's GPUs): ``receive_ipc(items)`` rebuilds tensors
+  from plain IPC payloads (``vllm_support.ipc_payload``) on the GPU whose UUID the
+  sender named, whatever index that GPU has in this process.
 
 Nothing here imports vLLM at module level, so the module can be imported (and its name
 given to vLLM) on any machine.
@@ -21,6 +26,8 @@ from typing import Any
 
 import torch
 
+from megatron_alp.rollout.vllm_support import local_device_of_uuid, rebuild_ipc_args, require_pynccl
+
 __all__ = ["WeightSyncExtension"]
 
 
@@ -30,19 +37,36 @@ class WeightSyncExtension:
 
     _weight_comm: Any = None
 
+    def weight_sync_info(self) -> dict[str, Any]:
+        """This worker's rank inside its engine and its GPU (one entry per worker)."""
+        from vllm.distributed.parallel_state import get_world_group
+
+        return dict(rank=int(get_world_group().rank),
+                    gpu_uuid=str(torch.cuda.get_device_properties(self.device).uuid))
+
     def init_weight_sync(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int
-    ) -> None:
-        """Join the trainer's weight-sync group as rank ``rank_offset + local rank``."""
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+        timeout_s: int = 300,
+    ) -> int:
+        """Join the trainer's weight-sync group as rank ``rank_offset + rank in engine``.
+
+        ``timeout_s`` bounds the rendezvous (``StatelessProcessGroup.create``'s
+        ``store_timeout``): a trainer that never comes raises instead of hanging.
+        Returns the rank taken.
+        """
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.parallel_state import get_world_group
         from vllm.distributed.utils import StatelessProcessGroup
 
-        rank = get_world_group().rank + rank_offset
+        rank = get_world_group().rank + int(rank_offset)
         pg = StatelessProcessGroup.create(
-            host=master_address, port=master_port, rank=rank, world_size=world_size
+            host=master_address, port=int(master_port), rank=rank,
+            world_size=int(world_size), store_timeout=int(timeout_s),
         )
-        self._weight_comm = PyNcclCommunicator(pg, device=self.device)
+        comm = PyNcclCommunicator(pg, device=self.device)
+        require_pynccl(comm, f"vLLM worker rank {rank}")
+        self._weight_comm = comm
+        return rank
 
     def receive_bucket(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> int:
         """Receive one bucket by NCCL broadcast from rank 0 and load it; return its bytes."""
@@ -50,26 +74,34 @@ class WeightSyncExtension:
             raise RuntimeError("init_weight_sync must run before receive_bucket")
         weights = []
         nbytes = 0
-        for name, dt, shape in zip(names, dtypes, shapes):
+        stream = torch.cuda.current_stream()
+        for name, dt, shape in zip(names, dtypes, shapes, strict=True):
             t = torch.empty(shape, dtype=getattr(torch, dt), device=self.device)
-            self._weight_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            self._weight_comm.broadcast(t, src=0, stream=stream)
             weights.append((name, t))
             nbytes += t.numel() * t.element_size()
-        torch.cuda.current_stream().synchronize()
+        stream.synchronize()
         self.model_runner.model.load_weights(weights=weights)
         return nbytes
 
-    def receive_ipc(self, handles: dict[str, list[tuple[str, Any]]]) -> int:
-        """Load a bucket shared by CUDA IPC; ``handles`` maps GPU UUID -> [(name, handle)]."""
-        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+    def receive_ipc(self, items: list[list[Any]]) -> int:
+        """Load a bucket shared by CUDA IPC: ``items`` = [[name, ipc_payload], ...]."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        uuids = [str(torch.cuda.get_device_properties(k).uuid) for k in range(torch.cuda.device_count())]
         weights = []
-        for name, (rebuild, args) in handles[uuid]:
-            args = list(args)
-            args[6] = self.device.index  # the receiving process's own device index
-            weights.append((name, rebuild(*args)))
+        for name, payload in items:
+            index = local_device_of_uuid(payload["gpu_uuid"], uuids)
+            weights.append((name, rebuild_cuda_tensor(*rebuild_ipc_args(payload, index))))
         self.model_runner.model.load_weights(weights=weights)
         torch.cuda.synchronize()
         return len(weights)
+
+    def param_values(self, names: list[str]) -> dict[str, list[Any]]:
+        """vLLM's own parameters (fused, this worker's TP shard) as fp32 nested lists,
+        for tests that compare loaded against sent weights per tensor."""
+        params = dict(self.model_runner.model.named_parameters())
+        return {n: params[n].detach().float().cpu().tolist() for n in names}
 
     def weights_checksum(self) -> float:
         """Sum of all parameters (fp64): lets tests check that an update arrived."""

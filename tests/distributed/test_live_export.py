@@ -84,3 +84,32 @@ def test_export_tp2_pp2_matches_hf(group, arch):
     with torch.no_grad():
         ref = model(res[0]["tokens"]).logits
     torch.testing.assert_close(logits[..., : hf_cfg.vocab_size], ref, atol=1e-4, rtol=0)
+
+
+def export_default_device_body(layout: ParallelConfig) -> dict:
+    """Export with torch's default device set to ``meta``: every buffer the export
+    allocates must follow the model's device (on GPU: cuda, which NCCL needs), so a
+    buffer created on the default device would be a meta tensor and the gather/recv
+    into it would fail or yield no data. The plain export is the oracle."""
+    hf = tiny_hf_config(model_type="qwen2")
+    full = canonical_state(hf, seed=3)
+    args = gpt_args_from_hf(hf)
+    with parallel.model_parallel(layout) as info:
+        chunks = build_model(args, transformer_config(args, layout))
+        load_full_state(chunks, full, strict=False)
+        kw = dict(dtype=torch.float32, bucket_bytes=BUCKET)
+        plain = [b for b in export_hf_buckets(chunks, hf, **kw) if b]
+        with torch.device("meta"):
+            meta_default = [b for b in export_hf_buckets(chunks, hf, **kw) if b]
+        return dict(rank=info.rank, plain=plain, meta_default=meta_default)
+
+
+def test_export_buffers_on_model_device(group):
+    layout = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    res = group.run(export_default_device_body, layout)
+    plain = [(n, t) for b in res[0]["plain"] for n, t in b]
+    got = [(n, t) for b in res[0]["meta_default"] for n, t in b]
+    assert len(plain) > 10 and [n for n, _ in got] == [n for n, _ in plain]
+    for (n, t), (_, ref) in zip(got, plain):
+        assert t.device.type == "cpu", n
+        assert torch.equal(t, ref), n

@@ -118,11 +118,11 @@ def test_update_weights_errors(engine):
 
 def test_registry_and_bad_params():
     assert {"local", "vllm"} <= set(available_engines())
-    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'; available: local, vllm"):
+    with pytest.raises(ValueError, match="unknown rollout engine 'sglang'; available: fleet, local, vllm"):
         create_engine("sglang")
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0.0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="dtype 'int8'"):
         LocalEngine(tiny_hf_config("qwen2"), dtype="int8")

@@ -1,0 +1,407 @@
+"""``FleetEngine``: one client for a fleet of engine processes (``create_engine("fleet")``).
+
+The trainer's view of many engines on other GPUs and nodes — ``vllm serve`` processes
+(``backend="vllm"``) or their CPU twins (``backend="twin"``, ``engine_server.py``):
+
+* **generation**: a generation is cut into requests (``rows_per_request`` completions,
+  a prompt's samples consecutive so they share a prefix cache) that are kept in flight
+  on every engine at once (up to ``max_in_flight`` each), always sent to the engine with
+  the fewest requests outstanding. A request that fails (engine dead, unreachable,
+  timed out, aborted, or answering with another weight version) goes back to the queue
+  and is sent to another engine; each completion (prompt i, sample j) is accepted
+  exactly once, so nothing is lost or duplicated. Completions are seeded per (i, j)
+  (``completion_seed``), so a retried request draws the same tokens anywhere.
+* **weights**: ``update_weights(stream)`` forms (or reuses) one broadcast group of this
+  process (rank 0) and every live engine — every worker of a vLLM engine — under an
+  *epoch*; a change of membership (an engine died or restarted) forms a new epoch on a
+  new port. Per bucket, each engine is told the names/dtypes/shapes and receives the
+  tensors by broadcast (gloo for the twin, NCCL for vLLM), then loads them; a final
+  commit makes it serve the new weight version (vLLM: prefix cache reset). An engine
+  serves generations only while it holds the current version: a restarted engine
+  (weights of the checkpoint it loaded) waits for the next sync. Errors name the engine.
+
+Without ``endpoints``, the client starts its own single-node fleet of ``num_engines``
+processes (``fleet_launch.LocalFleet``) from ``model`` and stops it in :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import socket
+import tempfile
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+from megatron_alp.rollout.base import (
+    Completion,
+    SamplingParams,
+    WeightBucket,
+    check_ratio_sampling,
+    register_engine,
+)
+from megatron_alp.rollout.fleet_backends import (
+    EngineDown,
+    EngineError,
+    GlooSender,
+    NcclSender,
+    TwinEndpoint,
+    VLLMEndpoint,
+)
+from megatron_alp.rollout.vllm_support import bucket_meta
+
+__all__ = ["FleetEngine", "FleetError"]
+
+BACKENDS = ("twin", "vllm")
+
+
+class FleetError(RuntimeError):
+    """The fleet could not serve a request (no engine left, too many failures, a sync failed)."""
+
+
+@dataclasses.dataclass
+class _EngineState:
+    endpoint: Any
+    up: bool = True
+    instance: str | None = None
+    version: int | None = 0
+    in_flight: int = 0
+    served: int = 0
+    failures: int = 0
+    last_error: str = ""
+    stale: bool = False  # seen down: until the next sync its weights are not trusted
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@register_engine("fleet")
+class FleetEngine:
+    """Client of a fleet of engine processes (see the module docstring).
+
+    ``endpoints``: engine base URLs (``http://host:port``) or ready ``Endpoint`` objects
+    (``fleet_backends.Endpoint``); None starts a local fleet of
+    ``num_engines`` from ``model`` (an HF folder, config or model; saved to a temporary
+    folder if not a folder) with ``dtype``. ``sync_host`` is this process's address as
+    the engines reach it; ``sync_port`` the first rendezvous port (epoch e uses
+    ``sync_port + e``; None picks free ports). A request is tried at most ``max_attempts``
+    times (on other engines first). ``max_in_flight`` requests per engine (default 8 for
+    the twin, 64 for vLLM; each in-flight request holds one client thread).
+    ``allow_truncation`` lets top-p / top-k
+    through (see ``check_ratio_sampling``).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] | None = None,
+        *,
+        backend: str = "twin",
+        model: Any = None,
+        num_engines: int = 2,
+        dtype: str = "bfloat16",
+        served_model_name: str | None = None,
+        sync_host: str = "127.0.0.1",
+        sync_port: int | None = None,
+        request_timeout_s: float = 600.0,
+        sync_timeout_s: float = 300.0,
+        health_timeout_s: float = 10.0,
+        max_in_flight: int | None = None,
+        rows_per_request: int | None = None,
+        max_attempts: int = 4,
+        allow_truncation: bool = False,
+        launch_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"fleet backend {backend!r} is not one of {BACKENDS}")
+        if max_in_flight is None:  # vLLM batches many requests itself; the twin decodes in batches
+            max_in_flight = 8 if backend == "twin" else 64
+        for name, v in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts),
+                        ("num_engines", num_engines)):
+            if v < 1:
+                raise ValueError(f"fleet {name} must be >= 1, got {v}")
+        self.backend = backend
+        self.fleet: Any = None
+        self._tmp: Any = None
+        if endpoints is None:
+            if model is None:
+                raise ValueError("fleet engine: give endpoints=[...] or model=... to launch a local fleet")
+            from megatron_alp.rollout.fleet_launch import LocalFleet
+
+            path = self._model_folder(model)
+            self.fleet = LocalFleet(num_engines, model=path, backend=backend, dtype=dtype,
+                                    **(launch_kwargs or {}))
+            endpoints = self.fleet.endpoints
+            served_model_name = served_model_name or path
+        if not endpoints:
+            raise ValueError("fleet engine: endpoints is empty")
+        if backend == "vllm" and not served_model_name and any(isinstance(u, str) for u in endpoints):
+            raise ValueError("fleet engine (vllm): served_model_name (the model vllm serve serves) is required")
+        eps = [u if not isinstance(u, str) else
+               TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
+               for u in endpoints]  # objects: ready Endpoint implementations
+        self.engines = [_EngineState(ep) for ep in eps]
+        self.sync_host, self.sync_port = sync_host, sync_port
+        self.request_timeout_s, self.sync_timeout_s = request_timeout_s, sync_timeout_s
+        self.health_timeout_s = health_timeout_s
+        self.max_in_flight, self.max_attempts = max_in_flight, max_attempts
+        self.rows_per_request = rows_per_request or (16 if backend == "twin" else 1)
+        self.allow_truncation = allow_truncation
+        self.version = 0
+        self.epoch = -1
+        self._members: tuple = ()
+        self._sender: Any = None
+        self._sender_cls: Any = GlooSender if backend == "twin" else NcclSender
+        self.stats = dict(requests=0, retries=0, engine_failures=0, syncs=0, epochs=0)
+        self._lock = threading.Lock()
+        self._pool = cf.ThreadPoolExecutor(max_workers=max_in_flight * len(self.engines),
+                                           thread_name_prefix="fleet")
+        self.refresh()
+
+    def _model_folder(self, model: Any) -> str:
+        if isinstance(model, str):
+            return model
+        from transformers import AutoModelForCausalLM, PretrainedConfig
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="fleet-model-")
+        hf = AutoModelForCausalLM.from_config(model) if isinstance(model, PretrainedConfig) else model
+        hf.save_pretrained(self._tmp.name)
+        return self._tmp.name
+
+    # -- engine health -------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Ask every engine whether it is up, which instance it is and its weight version."""
+        def probe(st: _EngineState) -> None:
+            try:
+                h = st.endpoint.health(timeout=self.health_timeout_s)
+            except (EngineDown, EngineError) as e:
+                self._mark_down(st, str(e))
+                return
+            if st.instance is not None and h.get("instance") not in (None, st.instance):
+                st.stale = True  # restarted: a new process with the checkpoint's weights
+            st.instance = h.get("instance")
+            if h.get("weight_version") is not None:
+                st.version = int(h["weight_version"])
+            st.up = True
+
+        list(self._pool.map(probe, self.engines))
+
+    def _mark_down(self, st: _EngineState, why: str) -> None:
+        with self._lock:
+            if st.up:
+                self.stats["engine_failures"] += 1
+            st.up, st.stale, st.last_error = False, True, why
+            st.failures += 1
+
+    def _serving(self, st: _EngineState) -> bool:
+        # The twin reports its version; a vLLM engine's is what the last commit set.
+        return st.up and not st.stale and st.version == self.version
+
+    # -- generation ----------------------------------------------------------------------
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams
+    ) -> list[Completion]:
+        """n completions per prompt, ordered by (prompt_index, sample_index)."""
+        check_ratio_sampling(sampling, allow_truncation=self.allow_truncation)
+        for i, p in enumerate(prompt_token_ids):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        rows = [(i, j, list(p)) for i, p in enumerate(prompt_token_ids) for j in range(sampling.n)]
+        k = self.rows_per_request
+        queue = [(rows[s : s + k], ()) for s in range(0, len(rows), k)]  # (unit, engines that failed it)
+        done: dict[tuple[int, int], Completion] = {}
+        running: dict[cf.Future, tuple[_EngineState, list, tuple]] = {}
+        self.refresh()
+        while queue or running:
+            while queue:
+                unit, failed_on = queue[0]
+                st = self._pick(avoid=failed_on)
+                if st is None:
+                    break
+                queue.pop(0)
+                st.in_flight += 1
+                self.stats["requests"] += 1
+                fut = self._pool.submit(st.endpoint.generate, unit, sampling,
+                                        timeout=self.request_timeout_s)
+                running[fut] = (st, unit, failed_on)
+            if not running:
+                self._no_engine()  # raises unless an engine came back
+                continue
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                st, unit, failed_on = running.pop(fut)
+                st.in_flight -= 1
+                why = self._accept(st, unit, fut, done)
+                if why is None:
+                    continue
+                failed_on = failed_on + (id(st),)
+                if len(failed_on) >= self.max_attempts:
+                    raise FleetError(f"fleet: a request of prompt {unit[0][0]} failed "
+                                     f"{len(failed_on)} times; last: {why}")
+                self.stats["retries"] += 1
+                queue.insert(0, (unit, failed_on))  # retried first: the rollout's tail is short
+        missing = [(i, j) for i, j, _ in rows if (i, j) not in done]
+        assert not missing and len(done) == len(rows), missing[:4]
+        return [done[(i, j)] for i, j, _ in rows]
+
+    def _pick(self, avoid: tuple = ()) -> _EngineState | None:
+        """The serving engine with the fewest requests in flight (room left), preferring
+        engines that have not failed this request before."""
+        ok = [st for st in self.engines if self._serving(st) and st.in_flight < self.max_in_flight]
+        if not ok:
+            return None
+        fresh = [st for st in ok if id(st) not in avoid]
+        if not fresh and any(id(st) not in avoid and self._serving(st) for st in self.engines):
+            return None  # a fresh engine is busy: wait for it rather than repeat a failure
+        return min(fresh or ok, key=lambda st: (st.in_flight, st.served))
+
+    def _accept(self, st: _EngineState, unit: list, fut: cf.Future, done: dict) -> str | None:
+        """Store a finished request's completions; the reason it must be retried, or None."""
+        try:
+            comps, version = fut.result()
+        except EngineError as e:
+            raise FleetError(f"fleet: engine {st.endpoint.url} refused a request: {e}") from None
+        except EngineDown as e:
+            self._mark_down(st, str(e))
+            return str(e)
+        if version is not None and version != self.version:
+            st.version = version
+            return f"{st.endpoint.url} answered with weight version {version}, expected {self.version}"
+        keys = [(i, j) for i, j, _ in unit]
+        if [(c.prompt_index, c.sample_index) for c in comps] != keys:
+            return f"{st.endpoint.url} answered other completions than asked"
+        bad = [c for c in comps if c.finish_reason not in ("stop", "length")]
+        if bad:  # vLLM aborted them (e.g. the engine is shutting down): retry, never "stop"
+            return f"{st.endpoint.url}: completion {keys[0]} finished with {bad[0].finish_reason!r}"
+        for c in comps:  # exactly once: a unit is only ever accepted from one answer
+            assert (c.prompt_index, c.sample_index) not in done
+            done[(c.prompt_index, c.sample_index)] = c
+        st.served += len(comps)
+        return None
+
+    def _no_engine(self) -> None:
+        time.sleep(0.5)
+        self.refresh()
+        if any(self._serving(st) for st in self.engines):
+            return
+        lines = [f"{st.endpoint.url}: " + ("down: " + st.last_error if not st.up else
+                 f"holds weight version {st.version}, current is {self.version}"
+                 + (" (restarted or failed: waits for the next update_weights)" if st.stale else ""))
+                 for st in self.engines]
+        raise FleetError("fleet: no engine can serve the current weights:\n  " + "\n  ".join(lines))
+
+    # -- weights -------------------------------------------------------------------------
+    def update_weights(self, stream: Iterable[WeightBucket]) -> dict[str, Any]:
+        """Broadcast every bucket to every live engine; then they serve the new version."""
+        t0 = time.perf_counter()
+        self.refresh()
+        live = [st for st in self.engines if st.up]
+        it = iter(stream)
+        try:
+            if not live:
+                raise FleetError("fleet: no engine is up to receive weights: " + "; ".join(
+                    f"{st.endpoint.url}: {st.last_error}" for st in self.engines))
+            live = self._ensure_group(live)
+            target = self.version + 1
+            n_bytes = n_buckets = 0
+            for bucket in it:
+                if not bucket:
+                    continue
+                meta = bucket_meta(bucket)
+                self._collective(live, lambda st: st.endpoint.receive_bucket(
+                    meta, epoch=self.epoch, timeout=self.sync_timeout_s),
+                    alongside=lambda: self._sender.send(bucket), what=f"bucket {n_buckets}")
+                n_bytes += meta.nbytes
+                n_buckets += 1
+            self._collective(live, lambda st: st.endpoint.commit(
+                target, epoch=self.epoch, timeout=self.sync_timeout_s), what="commit")
+        except BaseException:
+            self._sender, self._members = None, ()  # a failed sync re-forms the group
+            # The stream is usually a collective export: the trainer's other ranks are
+            # iterating it in lockstep, so exhaust it before raising (nothing hangs).
+            for _ in it:
+                pass
+            raise
+        self.version = target
+        for st in live:
+            st.version, st.stale = target, False
+        self.stats["syncs"] += 1
+        return dict(engines=len(live), buckets=n_buckets, bytes=n_bytes,
+                    seconds=time.perf_counter() - t0, epoch=self.epoch)
+
+    def _ensure_group(self, live: list[_EngineState]) -> list[_EngineState]:
+        """The current group if its members are still the live engines, else a new epoch;
+        an engine that fails to join is dropped and the group formed again without it
+        (no bucket has been sent yet). Returns the members."""
+        while True:
+            members = tuple((st.endpoint.url, st.instance) for st in live)
+            if members == self._members and self._sender is not None and not any(st.stale for st in live):
+                return live
+            try:
+                self._form_group(live)
+                return live
+            except FleetError:
+                survivors = [st for st in live if st.up]
+                if not survivors or len(survivors) == len(live):
+                    raise
+                live = survivors
+
+    def _form_group(self, live: list[_EngineState]) -> None:
+        self.epoch += 1
+        self.stats["epochs"] += 1
+        port = (self.sync_port + self.epoch) if self.sync_port is not None else _free_port(self.sync_host)
+        sizes = self._collective(live, lambda st: st.endpoint.members(timeout=self.sync_timeout_s),
+                                 what="member count")
+        world = 1 + sum(sizes)
+        sender = self._sender_cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
+        offsets = [1 + sum(sizes[:k]) for k in range(len(live))]
+        ranks = {id(st): off for st, off in zip(live, offsets)}
+        self._collective(live, lambda st: st.endpoint.join(
+            host=self.sync_host, port=port, rank=ranks[id(st)], world_size=world, epoch=self.epoch,
+            timeout_s=self.sync_timeout_s), alongside=sender.connect, what=f"join epoch {self.epoch}")
+        self._sender = sender
+        self._members = tuple((st.endpoint.url, st.instance) for st in live)
+
+    def _collective(self, live: list[_EngineState], call: Any, *, alongside: Any = None,
+                    what: str) -> list[Any]:
+        """``call(st)`` on every engine in threads while ``alongside()`` runs here (the
+        sender's half of a collective); errors name the engines that failed."""
+        futs = [self._pool.submit(call, st) for st in live]
+        side_error: BaseException | None = None
+        try:
+            if alongside is not None:
+                alongside()
+        except BaseException as e:  # noqa: BLE001 - reported with the engines' errors
+            side_error = e
+        results, failed = [], []
+        for st, f in zip(live, futs):
+            try:
+                results.append(f.result(timeout=self.sync_timeout_s + 60))
+            except (EngineDown, EngineError, cf.TimeoutError) as e:
+                self._mark_down(st, str(e) or type(e).__name__)
+                failed.append(f"{st.endpoint.url}: {e or type(e).__name__}")
+        if failed or side_error is not None:
+            msg = f"fleet weight sync ({what}) failed"
+            if failed:
+                msg += "; engines that did not answer: " + "; ".join(failed)
+            if side_error is not None:
+                msg += f"; sender: {type(side_error).__name__}: {side_error}"
+            raise FleetError(msg)
+        return results
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the client's threads and, if it started them, the engine processes."""
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.fleet is not None:
+            self.fleet.close()
+            self.fleet = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -1,0 +1,237 @@
+"""How the fleet client talks to one engine and to the weight-broadcast group.
+
+Two kinds of engine process, one interface (:class:`Endpoint`):
+
+* :class:`TwinEndpoint` — the CPU twin (``engine_server.py``): JSON over HTTP, weights
+  by a gloo broadcast (:class:`GlooSender`);
+* :class:`VLLMEndpoint` — ``vllm serve MODEL --worker-extension-cls
+  megatron_alp.rollout.vllm_worker.WeightSyncExtension --logprobs-mode
+  processed_logprobs`` started with ``VLLM_SERVER_DEV_MODE=1`` (which exposes
+  ``/collective_rpc`` and ``/reset_prefix_cache``; vllm 0.10.2
+  ``entrypoints/openai/api_server.py``, 0.33 ``entrypoints/serve/dev/``): OpenAI
+  ``/v1/completions`` for generation, weights by NCCL (:class:`NcclSender`) into every
+  worker of the engine.
+
+Transport failures (connection refused or reset, timeouts, HTTP 5xx) raise
+:class:`EngineDown` — the client retries elsewhere; HTTP 4xx (a bad request, i.e. a bug
+or bad input) raises :class:`EngineError`, which is not retried.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from megatron_alp.rollout.base import Completion, SamplingParams, WeightBucket
+from megatron_alp.rollout.vllm_support import BucketMeta, require_pynccl, require_reset
+from megatron_alp.rollout.weight_group import GlooGroup, broadcast_bucket
+from megatron_alp.rollout.wire import (
+    completion_from_dict,
+    completion_from_openai,
+    openai_completion_request,
+    sampling_to_dict,
+)
+
+__all__ = [
+    "EngineDown",
+    "EngineError",
+    "Endpoint",
+    "GlooSender",
+    "NcclSender",
+    "TwinEndpoint",
+    "VLLMEndpoint",
+    "http_json",
+]
+
+
+class EngineDown(RuntimeError):
+    """The engine did not answer (dead, unreachable, timed out, or failed internally)."""
+
+
+class EngineError(RuntimeError):
+    """The engine refused the request (HTTP 4xx): retrying elsewhere would not help."""
+
+
+def http_json(url: str, body: dict | None = None, *, timeout: float) -> Any:
+    """GET (``body`` None) or POST JSON; the decoded answer (None for an empty body)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:2000]
+        if 400 <= e.code < 500:
+            raise EngineError(f"{url}: HTTP {e.code}: {detail}") from None
+        raise EngineDown(f"{url}: HTTP {e.code}: {detail}") from None
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+            TimeoutError, OSError) as e:
+        raise EngineDown(f"{url}: {type(e).__name__}: {e}") from None
+    return json.loads(raw) if raw else None
+
+
+class Endpoint(Protocol):
+    """One engine process as the fleet client sees it."""
+
+    url: str
+
+    def health(self, *, timeout: float) -> dict[str, Any]:
+        """``{"instance": str | None, "weight_version": int | None}``; raises EngineDown."""
+        ...
+
+    def generate(self, rows: Sequence[tuple[int, int, Sequence[int]]], sp: SamplingParams, *,
+                 timeout: float) -> tuple[list[Completion], int | None]:
+        """Completions of the rows in order, and the weight version that produced them."""
+        ...
+
+    def members(self, *, timeout: float) -> int:
+        """Processes of this engine that join the weight group (vLLM: TP x PP workers)."""
+        ...
+
+    def join(self, *, host: str, port: int, rank: int, world_size: int, epoch: int,
+             timeout_s: float) -> None:
+        """Join the weight group (blocks until every member has joined)."""
+        ...
+
+    def receive_bucket(self, meta: BucketMeta, *, epoch: int, timeout: float) -> None:
+        """Receive one bucket by broadcast (blocks until received and loaded)."""
+        ...
+
+    def commit(self, version: int, *, epoch: int, timeout: float) -> None:
+        """All buckets sent: serve ``version`` from now on (prefix cache reset)."""
+        ...
+
+
+def _meta_body(meta: BucketMeta) -> dict[str, Any]:
+    return dict(names=list(meta.names), dtypes=list(meta.dtypes), shapes=[list(s) for s in meta.shapes])
+
+
+class TwinEndpoint:
+    """A CPU twin engine (``engine_server.py``) at ``url``."""
+
+    kind = "twin"
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def health(self, *, timeout: float) -> dict[str, Any]:
+        return http_json(self.url + "/health", timeout=timeout)
+
+    def generate(self, rows, sp, *, timeout):
+        body = dict(rows=[[i, j, list(p)] for i, j, p in rows], sampling=sampling_to_dict(sp))
+        ans = http_json(self.url + "/generate", body, timeout=timeout)
+        return [completion_from_dict(r) for r in ans["completions"]], int(ans["weight_version"])
+
+    def members(self, *, timeout: float) -> int:
+        return 1
+
+    def join(self, *, host, port, rank, world_size, epoch, timeout_s):
+        http_json(self.url + "/weights/join", dict(host=host, port=port, rank=rank,
+                  world_size=world_size, epoch=epoch, timeout_s=timeout_s), timeout=timeout_s + 30)
+
+    def receive_bucket(self, meta, *, epoch, timeout):
+        http_json(self.url + "/weights/bucket", dict(epoch=epoch, **_meta_body(meta)), timeout=timeout)
+
+    def commit(self, version, *, epoch, timeout):
+        http_json(self.url + "/weights/commit", dict(epoch=epoch, version=version), timeout=timeout)
+
+    def digest(self, *, timeout: float = 60) -> dict[str, str]:
+        """sha256 per parameter (tests: engine weights equal the sender's)."""
+        return http_json(self.url + "/weights/digest", timeout=timeout)
+
+
+class VLLMEndpoint:
+    """A ``vllm serve`` engine at ``url`` serving ``model`` (the served model name)."""
+
+    kind = "vllm"
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+
+    def health(self, *, timeout: float) -> dict[str, Any]:
+        # vLLM has no instance id or weight version: the client tracks both (an engine
+        # seen down is treated as a new instance holding stale weights).
+        http_json(self.url + "/health", timeout=timeout)
+        return dict(instance=None, weight_version=None)
+
+    def generate(self, rows, sp, *, timeout):
+        out = []
+        for i, j, prompt in rows:
+            ans = http_json(self.url + "/v1/completions",
+                            openai_completion_request(self.model, prompt, sp, i, j), timeout=timeout)
+            out.append(completion_from_openai(ans, i, j))
+        return out, None
+
+    def _rpc(self, method: str, args: list[Any], *, timeout: float) -> list[Any]:
+        # Arguments are plain JSON values (the server hands them to msgpack unchanged).
+        ans = http_json(self.url + "/collective_rpc", dict(method=method, args=args, timeout=timeout),
+                        timeout=timeout + 30)
+        return (ans or {}).get("results", [])
+
+    def members(self, *, timeout: float) -> int:
+        return len(self._rpc("weight_sync_info", [], timeout=timeout))
+
+    def join(self, *, host, port, rank, world_size, epoch, timeout_s):
+        self._rpc("init_weight_sync", [host, port, rank, world_size, int(timeout_s)], timeout=timeout_s)
+
+    def receive_bucket(self, meta, *, epoch, timeout):
+        m = _meta_body(meta)
+        self._rpc("receive_bucket", [m["names"], m["dtypes"], m["shapes"]], timeout=timeout)
+
+    def commit(self, version, *, epoch, timeout):
+        # 0.33 answers {"success": bool}; 0.10.2 an empty 200 (its reset is unchecked).
+        ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)
+        require_reset(ans.get("success") if isinstance(ans, dict) else None, self.url)
+
+
+class GlooSender:
+    """Rank 0 of the twin's gloo weight group (hosts the store on ``host:port``)."""
+
+    def __init__(self, host: str, port: int, world_size: int, *, timeout_s: float) -> None:
+        self.group = GlooGroup(host, port, 0, world_size, timeout_s=timeout_s)
+
+    def connect(self) -> None:
+        self.group.connect()
+
+    def send(self, bucket: WeightBucket) -> None:
+        broadcast_bucket(self.group, bucket)
+
+    def close(self) -> None:
+        self.group = None  # type: ignore[assignment]
+
+
+class NcclSender:
+    """Rank 0 of a vLLM fleet's NCCL weight group, on this process's current GPU
+    (the engines run on other GPUs: their own processes, their own devices)."""
+
+    def __init__(self, host: str, port: int, world_size: int, *, timeout_s: float) -> None:
+        self.args = (host, port, world_size, timeout_s)
+        self.comm: Any = None
+
+    def connect(self) -> None:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        host, port, world, timeout_s = self.args
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world,
+                                          store_timeout=int(timeout_s))
+        self.comm = PyNcclCommunicator(pg, device=torch.cuda.current_device())
+        require_pynccl(self.comm, "fleet weight sender")
+
+    def send(self, bucket: WeightBucket) -> None:
+        stream = torch.cuda.current_stream()
+        dev = torch.device("cuda", torch.cuda.current_device())
+        for _, t in bucket:
+            self.comm.broadcast(t.detach().to(dev).contiguous(), src=0, stream=stream)
+        stream.synchronize()
+
+    def close(self) -> None:
+        self.comm = None
