@@ -147,12 +147,47 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _prepare_optimizer_state_for_load(optimizer: Any) -> None:
+    """Workaround (megatron-core 0.19.2, no apex / Transformer Engine, i.e. the CPU backend).
+
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first fills a fresh
+    optimizer's state with ``init_state_fn`` — zeros for ``exp_avg`` / ``exp_avg_sq`` but
+    no ``step`` — and then calls ``state_dict()``, whose torch-optimizer branch reads
+    ``state["step"]`` of every parameter and asserts they agree: a fresh optimizer fails
+    there (with apex or TE, as on GPU clusters, that branch is not taken). Filling the
+    state ourselves with ``step = 0`` first gives it what it reads; the loaded
+    checkpoint then overwrites every value.
+    """
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.init_state_fn is None:
+            continue
+        inner = opt.optimizer
+        opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
 def _sharded_state(policy: Any, *, loading: bool, with_optimizer: bool) -> dict[str, Any]:
     from megatron_alp.convert.load import sharded_state_dict_of
 
     sd = sharded_state_dict_of(policy.model)
     if with_optimizer:
-        sd["optimizer"] = policy.optimizer.sharded_state_dict(sd, is_loading=loading)
+        # The metadata megatron.training uses for torch_dist checkpoints (its default
+        # `dp_reshardable` sharding of the distributed optimizer's state); the plain
+        # optimizer ignores it.
+        metadata = {
+            "distrib_optim_sharding_type": "dp_reshardable",
+            "singleton_local_shards": False,
+            "chained_optim_avoid_prefix": True,
+        }
+        if loading:
+            _prepare_optimizer_state_for_load(policy.optimizer)
+        sd["optimizer"] = policy.optimizer.sharded_state_dict(sd, is_loading=loading, metadata=metadata)
         sd["opt_param_scheduler"] = policy.scheduler.state_dict()
     return sd
 
@@ -229,13 +264,14 @@ def load_checkpoint(
         return None
     sd = _sharded_state(policy, loading=True, with_optimizer=load_optim)
     sd["iteration"] = 0
-    loaded = dist_checkpointing.load(sd, str(folder))
-    for i, m in enumerate(policy.model):
-        _unwrapped(m).load_state_dict(loaded[f"model{i}"], strict=True)
-    if load_optim:
-        policy.optimizer.load_state_dict(loaded["optimizer"])
-        policy.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    else:
+    with torch.no_grad():  # loads write into parameter views in place
+        loaded = dist_checkpointing.load(sd, str(folder))
+        for i, m in enumerate(policy.model):
+            _unwrapped(m).load_state_dict(loaded[f"model{i}"], strict=True)
+        if load_optim:
+            policy.optimizer.load_state_dict(loaded["optimizer"])
+            policy.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if not load_optim:
         _reload_main_params(policy)
     rng_file = folder / "rng" / f"rank_{dist.get_rank():05d}.pt"
     n_rng = len(list((folder / "rng").glob("rank_*.pt")))

@@ -134,6 +134,13 @@ class Trainer:
         if run.rollout_engine == "local":
             kwargs["device"] = str(platform.device())
         self.engine = create_engine(run.rollout_engine, **kwargs)
+        if run.verify_weights_swap and not (
+            hasattr(self.engine, "verify_weights") or hasattr(self.engine, "model")
+        ):
+            raise ValueError(
+                f"--rl-verify-model-weights-swap: the {run.rollout_engine!r} engine cannot report "
+                "its weights for the check; drop the flag or use --rl-rollout-engine local"
+            )
         eos = self.tokenizer.eos_token_id
         self.stop_ids = (eos,) if eos is not None else ()
 

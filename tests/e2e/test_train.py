@@ -236,6 +236,14 @@ def test_distributed_optimizer_bf16_recompute_sp_wandb_tensorboard(group, assets
         assert math.isfinite(h["actor/pg_loss"]) and math.isfinite(h["actor/grad_norm"])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((tmp_path / "wandb").rglob("*.wandb"))
+    # ... and the distributed optimizer's state loads back (resharded by DP rank)
+    again = _run(group, base_argv(
+        assets, tmp_path / "run", "--rl-loss", "seq-alp", "--tensor-model-parallel-size", "2",
+        "--sequence-parallel", "--use-distributed-optimizer", "--bf16",
+        "--recompute-granularity", "full", "--train-iters", "3", "--save", str(save), "--load", str(save),
+    ))
+    assert [h["step"] for h in again["history"]] == [1, 2, 3]
+    assert math.isfinite(again["history"][-1]["actor/pg_loss"])
 
 
 def test_finetune_from_converted_checkpoint_and_export(group, assets, tmp_path):
@@ -282,3 +290,19 @@ def test_sigterm_saves_and_exits_zero(assets, tmp_path):
     step = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= step < 50
     assert f"stopped after step {step} (signal)" in out
+
+
+# ------------------------------------------------------------------------ the fleet (CPU twin)
+def test_trainer_with_a_fleet_of_two_twin_engines(group, assets, tmp_path):
+    """--rl-rollout-engine fleet: 2 engine processes (HTTP + gloo weight group); fp32
+    twins agree with the trainer after every sync, as the local engine does."""
+    out = _run(group, base_argv(
+        assets, tmp_path / "run", "--rl-loss", "grpo", "--rl-rollout-dtype", "fp32",
+        "--tensor-model-parallel-size", "2", "--train-iters", "3",
+        "--rl-rollout-engine", "fleet", "--rl-fleet-engines", "2",
+    ))
+    hist = out["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    for h in hist:
+        assert h["rollout_corr/abs_logp_diff_max"] <= 1e-4, h["rollout_corr/abs_logp_diff_max"]
+        assert h["rollout_corr/n_seqs"] == 32  # 8 prompts x 4 samples, each exactly once
