@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch

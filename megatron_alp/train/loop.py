@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import signal
 import time
 from pathlib import Path
@@ -111,6 +110,7 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.is_last = ps.is_pipeline_last_stage()
         self.multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
+        self.metrics_owner = _metrics_owner()
 
     # ------------------------------------------------------------------ engine side
     def start_engine(self) -> None:
@@ -364,10 +364,8 @@ class Trainer:
         self.sync_weights()
         timing["update_weights"] = time.perf_counter() - t0
 
-        owner = _metrics_owner()
-        metrics = _broadcast(metrics if self.rank == owner else None, src=owner) | {
-            k: v for k, v in metrics.items() if k.startswith("alp/") or k.startswith("actor/grad") or k == "actor/lr"
-        }
+        # the loss metrics live on the last stage; everything else is the same on every rank
+        metrics = _broadcast(metrics if self.rank == self.metrics_owner else None, src=self.metrics_owner)
         if self.rank == 0:
             rewards = [s.reward for s in samples]
             lens = [len(s.response_ids) for s in samples]

@@ -9,7 +9,6 @@ with ``from_pretrained`` and gives the same greedy top-1 tokens.
 """
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """Bad input is refused with a ValueError that names the value, before any process group."""
 
-import os
 import subprocess
 from pathlib import Path
 

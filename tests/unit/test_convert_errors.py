@@ -2,7 +2,6 @@
 an interrupted conversion leaves nothing that looks complete."""
 
 import json
-import struct
 import sys
 from pathlib import Path
 

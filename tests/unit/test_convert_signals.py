@@ -3,7 +3,6 @@ first two leave nothing and print one line; after kill -9 the next run removes t
 temporary folder, says so, and succeeds."""
 
 import json
-import os
 import re
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """LocalEngine: processed log-probs against an independent recomputation; weight updates."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ from megatron_alp.rollout import SamplingParams
 from megatron_alp.rollout.base import check_ratio_sampling
 from megatron_alp.rollout.sampling import completion_seed
 from megatron_alp.rollout.vllm_support import (
-    SUPPORTED_VLLM,
     assign_prompts,
     bucket_meta,
     check_vllm_version,
