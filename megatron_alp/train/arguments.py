@@ -97,8 +97,8 @@ class RunConfig:
     """Model turns per trajectory; 1 = single-turn (no sandbox), > 1 = tool-integrated
     multi-turn rollouts (``megatron_alp.rollout.multiturn``)."""
     sandbox: str = "local"
-    """Where the code runs: ``local`` (an in-process ``SandboxPool``) or the URL
-    ``http://HOST:PORT`` of ``python -m megatron_alp.sandbox.serve``."""
+    """Where the code runs: ``local`` (an in-process ``SandboxPool``) or the URL(s)
+    ``http://HOST:PORT[,...]`` of ``python -m megatron_alp.sandbox.serve`` services."""
     sandbox_concurrency: int = 8
     """Programs run at once (pool slots, or requests in flight to the service)."""
     sandbox_timeout_s: float = 10.0
@@ -225,9 +225,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rl-sandbox", default="local", metavar="local|URL",
                    help="where multi-turn code runs: local (an in-process bubblewrap pool on "
                         "the rollout rank) or http://HOST:PORT of `python -m "
-                        "megatron_alp.sandbox.serve` (default: local)")
+                        "megatron_alp.sandbox.serve` (several, comma-separated: programs are "
+                        "spread over them; default: local)")
     g.add_argument("--rl-sandbox-concurrency", type=int, default=8,
-                   help="programs run at once (pool slots or requests in flight; default 8)")
+                   help="programs run at once (pool slots, or requests in flight per service; "
+                        "default 8)")
     g.add_argument("--rl-sandbox-timeout-s", type=float, default=10.0,
                    help="wall-clock limit per program, local pool (the service has its own; "
                         "default 10)")
@@ -404,12 +406,12 @@ def _validate_multiturn(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise ValueError(f"--rl-sandbox-timeout-s / --rl-sandbox-memory-mb: {e}") from None
     if args.rl_sandbox != "local":
-        from megatron_alp.sandbox import SandboxClient
+        from megatron_alp.sandbox import sandbox_client
 
         try:
-            SandboxClient(args.rl_sandbox, max_concurrency=1).close()
+            sandbox_client(args.rl_sandbox, max_concurrency=1).close()
         except ValueError as e:
-            raise ValueError(f"--rl-sandbox {args.rl_sandbox!r}: expected local or a URL; {e}") from None
+            raise ValueError(f"--rl-sandbox {args.rl_sandbox!r}: expected local or URL[,URL...]; {e}") from None
         return
     # Only the process that will own the pool (the launcher, or rank 0) runs the check:
     # one isolated program, so a broken bubblewrap fails here, before any rank starts.

@@ -150,14 +150,14 @@ class Trainer:
 
     def _start_sandbox(self) -> None:
         from megatron_alp.rollout import MultiTurnConfig
-        from megatron_alp.sandbox import SandboxClient, SandboxLimits, SandboxPool
+        from megatron_alp.sandbox import SandboxLimits, SandboxPool, sandbox_client
 
         run = self.cfg.run
         if run.sandbox == "local":
             limits = SandboxLimits(timeout_s=run.sandbox_timeout_s, memory_mb=run.sandbox_memory_mb)
             self.sandbox = SandboxPool(max_concurrency=run.sandbox_concurrency, limits=limits)
         else:
-            self.sandbox = SandboxClient(run.sandbox, max_concurrency=run.sandbox_concurrency)
+            self.sandbox = sandbox_client(run.sandbox, max_concurrency=run.sandbox_concurrency)
             self.sandbox.health()  # fail at start, not at the first tool call
         # --rl-max-new-tokens bounds the whole trajectory's response, so it fits --seq-length
         self.multiturn = MultiTurnConfig(max_turns=run.max_turns, max_response_tokens=run.max_new_tokens)
