@@ -9,6 +9,9 @@
 #   NPROC     ranks (default 2 = TP 2)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+# train.py is run as a script (torchrun): put this checkout's package first on the path
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 run_dir=${RUN_DIR:-runs/multiturn_cpu}
 py=${PYTHON:-python}
 "$py" "$here/../tiny_cpu/prepare.py" --out "$run_dir/assets"

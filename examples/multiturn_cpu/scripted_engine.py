@@ -32,10 +32,13 @@ _SUM = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*\?")
 class ScriptedFirstTurnEngine:
     """``LocalEngine`` plus a scripted code turn for prompts without a code block yet."""
 
-    def __init__(self, model: str, *, dtype: str = "bfloat16", device: str = "cpu", **kw: Any) -> None:
+    def __init__(self, model: str, *, dtype: str = "bfloat16", device: str | None = None, **kw: Any) -> None:
         from transformers import AutoTokenizer
 
-        self.inner = LocalEngine(model, dtype=dtype, device=device, **kw)
+        from megatron_alp import platform
+
+        # the trainer passes a device to the `local` engine only: default to the rank's
+        self.inner = LocalEngine(model, dtype=dtype, device=device or str(platform.device()), **kw)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
 
     @property

@@ -66,7 +66,7 @@ def test_cpu_multiturn_example_config_parses(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+2=?", "answer": "3"}\n')
     cfg = parse_args(["--config", str(REPO / "examples/multiturn_cpu/config.yaml"), "--hf-model", str(folder),
-                      "--rl-prompt-data", str(data)], world_size=2)
+                      "--rl-prompt-data", str(data), "--save", str(tmp_path / "ckpt")], world_size=2)
     assert cfg.run.max_turns == 3 and cfg.run.sandbox == "local"
     assert cfg.run.rollout_engine == "scripted-first-turn" and cfg.loss_preset == "seq-alp"
     assert cfg.seq_length <= 128
