@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from megatron_alp.sandbox.types import SandboxLimits, SandboxResult
 
-__all__ = ["SandboxClient", "SandboxServiceError"]
+__all__ = ["SandboxClient", "SandboxClientGroup", "SandboxServiceError", "sandbox_client"]
 
 
 class SandboxServiceError(RuntimeError):
@@ -118,3 +118,58 @@ class SandboxClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SandboxClientGroup:
+    """Several sandbox services (one per node) behind the same ``run`` / ``run_batch``.
+
+    Program ``k`` of a batch goes to service ``k % len(urls)``; each service gets at most
+    ``max_concurrency`` requests in flight. Same retry rules as :class:`SandboxClient`.
+    """
+
+    def __init__(self, urls: Sequence[str], *, max_concurrency: int = 8, **kw: Any) -> None:
+        if not urls:
+            raise ValueError("SandboxClientGroup needs at least one url")
+        self.clients = [SandboxClient(u, max_concurrency=max_concurrency, **kw) for u in urls]
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_concurrency * len(self.clients), thread_name_prefix="sandbox-group"
+        )
+        self._next = 0
+
+    def health(self) -> list[dict[str, Any]]:
+        """Every service's ``/health`` document."""
+        return [c.health() for c in self.clients]
+
+    def run(self, code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+        """Run one program on the next service (round robin)."""
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        return client.run(code, limits)
+
+    def run_batch(
+        self, codes: Sequence[str], limits: SandboxLimits | None = None
+    ) -> list[SandboxResult]:
+        """Spread the programs over the services; results in input order."""
+        n = len(self.clients)
+        futures = [self._executor.submit(self.clients[k % n].run, c, limits) for k, c in enumerate(codes)]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Stop every client's threads."""
+        self._executor.shutdown(wait=True)
+        for c in self.clients:
+            c.close()
+
+    def __enter__(self) -> "SandboxClientGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sandbox_client(urls: str, *, max_concurrency: int = 8, **kw: Any) -> SandboxClient | SandboxClientGroup:
+    """A client for ``http://HOST:PORT`` or a comma-separated list of such URLs (a group)."""
+    parts = [u.strip() for u in urls.split(",") if u.strip()]
+    if len(parts) == 1:
+        return SandboxClient(parts[0], max_concurrency=max_concurrency, **kw)
+    return SandboxClientGroup(parts, max_concurrency=max_concurrency, **kw)

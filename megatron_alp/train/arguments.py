@@ -93,6 +93,18 @@ class RunConfig:
     """Engine-specific ``create_engine`` arguments (the fleet's endpoints, backend, sync address)."""
     run_dir: Path
     nproc: int | None
+    max_turns: int = 1
+    """Model turns per trajectory; 1 = single-turn (no sandbox), > 1 = tool-integrated
+    multi-turn rollouts (``megatron_alp.rollout.multiturn``)."""
+    sandbox: str = "local"
+    """Where the code runs: ``local`` (an in-process ``SandboxPool``) or the URL(s)
+    ``http://HOST:PORT[,...]`` of ``python -m megatron_alp.sandbox.serve`` services."""
+    sandbox_concurrency: int = 8
+    """Programs run at once (pool slots, or requests in flight to the service)."""
+    sandbox_timeout_s: float = 10.0
+    """Wall-clock limit of one program (``SandboxLimits.timeout_s``; local pool only)."""
+    sandbox_memory_mb: int = 1024
+    """Address-space limit of one program, MiB (``SandboxLimits.memory_mb``; local pool only)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -204,6 +216,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=int, default=None,
                    help="ranks to spawn when started as `python -m megatron_alp.train` (not under "
                         "torchrun); default TP x PP x CP")
+    g.add_argument("--rl-max-turns", type=int, default=1,
+                   help="model turns per rollout: 1 = single-turn (default); N > 1 = multi-turn "
+                        "tool-integrated reasoning: a fenced python block is run in the sandbox, "
+                        "its output shown as an observation (masked from the loss), until a "
+                        "\\boxed{} answer or N turns; --rl-max-new-tokens then bounds the whole "
+                        "response (model + observation tokens)")
+    g.add_argument("--rl-sandbox", default="local", metavar="local|URL",
+                   help="where multi-turn code runs: local (an in-process bubblewrap pool on "
+                        "the rollout rank) or http://HOST:PORT of `python -m "
+                        "megatron_alp.sandbox.serve` (several, comma-separated: programs are "
+                        "spread over them; default: local)")
+    g.add_argument("--rl-sandbox-concurrency", type=int, default=8,
+                   help="programs run at once (pool slots, or requests in flight per service; "
+                        "default 8)")
+    g.add_argument("--rl-sandbox-timeout-s", type=float, default=10.0,
+                   help="wall-clock limit per program, local pool (the service has its own; "
+                        "default 10)")
+    g.add_argument("--rl-sandbox-memory-mb", type=int, default=1024,
+                   help="address-space limit per program in MiB, local pool (default 1024)")
     g.add_argument("--rl-loss", default=None,
                    help=f"policy-loss preset: {', '.join(available_policy_losses())} (default: the "
                         "--config preset's, else token-alp)")
@@ -360,6 +391,39 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _positive(name: str, value: Any, minimum: int = 1) -> None:
     if value is None or value < minimum:
         raise ValueError(f"{name}={value} is invalid; expected an integer >= {minimum}")
+
+
+def _validate_multiturn(args: argparse.Namespace) -> None:
+    """Multi-turn flags; with a local sandbox, isolation must work here (its own message)."""
+    _positive("--rl-max-turns", args.rl_max_turns)
+    _positive("--rl-sandbox-concurrency", args.rl_sandbox_concurrency)
+    if args.rl_max_turns == 1:
+        return
+    from megatron_alp.sandbox import SandboxLimits, SandboxUnavailable
+
+    try:
+        SandboxLimits(timeout_s=args.rl_sandbox_timeout_s, memory_mb=args.rl_sandbox_memory_mb)
+    except ValueError as e:
+        raise ValueError(f"--rl-sandbox-timeout-s / --rl-sandbox-memory-mb: {e}") from None
+    if args.rl_sandbox != "local":
+        from megatron_alp.sandbox import sandbox_client
+
+        try:
+            sandbox_client(args.rl_sandbox, max_concurrency=1).close()
+        except ValueError as e:
+            raise ValueError(f"--rl-sandbox {args.rl_sandbox!r}: expected local or URL[,URL...]; {e}") from None
+        return
+    # Only the process that will own the pool (the launcher, or rank 0) runs the check:
+    # one isolated program, so a broken bubblewrap fails here, before any rank starts.
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from megatron_alp.sandbox import SandboxPool
+
+    try:
+        SandboxPool(max_concurrency=1).close()
+    except SandboxUnavailable as e:
+        raise ValueError(f"--rl-max-turns={args.rl_max_turns} needs a working sandbox "
+                         f"(--rl-sandbox local): {e}") from None
 
 
 def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = None) -> TrainConfig:
@@ -558,6 +622,8 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
             "objectives are CP-ready; the trainer's batch split is not)"
         )
 
+    _validate_multiturn(args)
+
     args.world_size = world_size
     args.rank = int(os.environ.get("RANK", "0"))
     _validate_with_megatron(args)
@@ -587,6 +653,11 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         engine_kwargs=_engine_kwargs(args),
         run_dir=run_dir,
         nproc=args.nproc,
+        max_turns=args.rl_max_turns,
+        sandbox=args.rl_sandbox,
+        sandbox_concurrency=args.rl_sandbox_concurrency,
+        sandbox_timeout_s=float(args.rl_sandbox_timeout_s),
+        sandbox_memory_mb=args.rl_sandbox_memory_mb,
     )
     return TrainConfig(
         parallel=parallel,

@@ -4,7 +4,8 @@ Layout of one sequence (``P`` prompt and ``R`` response tokens, right padding to
 
     tokens   p0 .. p{P-1} r0 .. r{R-1} pad ..
     labels   tokens shifted left by one (label t is token t + 1), 0 at the end
-    mask     1 where the label is a response token: t in [P-1, P+R-2]
+    mask     1 where the label is a response token: t in [P-1, P+R-2]; for a multi-turn
+             sample, the sample's ``loss_mask`` there (0 on observation tokens)
 
 ``rollout_logp`` / ``old_logp`` / ``ref_logp`` are aligned with the labels. ``S`` is the
 step's longest sequence rounded up to a multiple of ``multiple`` (TP under sequence
@@ -54,12 +55,19 @@ def step_tensors(samples: Sequence[Sample], *, multiple: int = 1) -> StepTensors
     roll = torch.zeros((N, S), dtype=torch.float32)
     for i, s in enumerate(samples):
         P, R = len(s.prompt_ids), len(s.response_ids)
+        assert s.loss_mask is None or len(s.loss_mask) == R, (i, len(s.loss_mask), R)
         seq = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         tokens[i, : P + R] = seq
         labels[i, : P + R - 1] = seq[1:]
         if R:
-            mask[i, P - 1 : P + R - 1] = 1.0
-            roll[i, P - 1 : P + R - 1] = torch.tensor(s.rollout_logp, dtype=torch.float32)
+            lp = torch.tensor(s.rollout_logp, dtype=torch.float32)
+            if s.loss_mask is None:
+                mask[i, P - 1 : P + R - 1] = 1.0
+            else:  # multi-turn: observation tokens have no engine log-prob; 0 and masked
+                m = torch.tensor(s.loss_mask, dtype=torch.float32)
+                mask[i, P - 1 : P + R - 1] = m
+                lp = torch.where(m > 0, lp, torch.zeros_like(lp))
+            roll[i, P - 1 : P + R - 1] = lp
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     pos = torch.arange(S).unsqueeze(0).expand(N, -1).contiguous()
     return StepTensors(tokens, labels, mask, roll, adv, pos)

@@ -39,7 +39,14 @@ from megatron_alp.train import checkpoint as ckpt
 from megatron_alp.train.batches import local_sample_ids, plan_minibatches, step_tensors
 from megatron_alp.train.logging import RunLogger, progress_line, summary_table
 from megatron_alp.train.policy import Policy
-from megatron_alp.train.rollouts import Sample, add_advantages, encode_prompts, generate, pass_at_k
+from megatron_alp.train.rollouts import (
+    Sample,
+    add_advantages,
+    encode_prompts,
+    generate,
+    generate_multiturn,
+    pass_at_k,
+)
 
 __all__ = ["run"]
 
@@ -103,6 +110,8 @@ class Trainer:
         self.lagged: collections.deque = collections.deque()
         self.engine = None
         self.tokenizer = None
+        self.sandbox = None  # multi-turn only (rank 0): SandboxPool or SandboxClient
+        self.rollout_metrics: dict[str, float] = {}
         self.wandb_id = None
         from megatron.core import parallel_state as ps
 
@@ -143,6 +152,32 @@ class Trainer:
             )
         eos = self.tokenizer.eos_token_id
         self.stop_ids = (eos,) if eos is not None else ()
+        if run.max_turns > 1:
+            self._start_sandbox()
+
+    def _start_sandbox(self) -> None:
+        from megatron_alp.rollout import MultiTurnConfig
+        from megatron_alp.sandbox import SandboxLimits, SandboxPool, sandbox_client
+
+        run = self.cfg.run
+        if run.sandbox == "local":
+            limits = SandboxLimits(timeout_s=run.sandbox_timeout_s, memory_mb=run.sandbox_memory_mb)
+            self.sandbox = SandboxPool(max_concurrency=run.sandbox_concurrency, limits=limits)
+        else:
+            self.sandbox = sandbox_client(run.sandbox, max_concurrency=run.sandbox_concurrency)
+            self.sandbox.health()  # fail at start, not at the first tool call
+        # --rl-max-new-tokens bounds the whole trajectory's response, so it fits --seq-length
+        self.multiturn = MultiTurnConfig(max_turns=run.max_turns, max_response_tokens=run.max_new_tokens)
+
+    def _generate(self, prompt_ids, rows, answers, sampling, reward_fn) -> list[Sample]:
+        """Single-turn :func:`generate`, or multi-turn trajectories with ``--rl-max-turns > 1``."""
+        if self.sandbox is None:
+            return generate(self.engine, self.tokenizer, prompt_ids, rows, answers, sampling, reward_fn)
+        samples, self.rollout_metrics = generate_multiturn(
+            self.engine, self.tokenizer, prompt_ids, rows, answers, sampling, reward_fn,
+            self.sandbox, self.multiturn,
+        )
+        return samples
 
     def _export(self) -> list[list[tuple[str, torch.Tensor]]] | None:
         """Every rank runs the export; rank 0 gets the buckets (copied, engine dtype)."""
@@ -215,9 +250,9 @@ class Trainer:
         if self.rank == 0:
             t0 = time.perf_counter()
             seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
-            samples = generate(
-                self.engine, self.tokenizer, self.prompt_ids, rows, self.dataset.answers,
-                self._sampling(run.group_size, seed), get_reward(run.reward),
+            samples = self._generate(
+                self.prompt_ids, rows, self.dataset.answers, self._sampling(run.group_size, seed),
+                get_reward(run.reward),
             )
             add_advantages(samples, run.advantage_estimator)
             timing["gen"] = time.perf_counter() - t0
@@ -377,6 +412,7 @@ class Trainer:
             metrics["response_length/max"] = float(max(lens))
             metrics["response_length/clip_ratio"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
             metrics["data/epoch"] = float(self.sampler.epoch)
+            metrics.update(self.rollout_metrics)  # multiturn/* (empty when single-turn)
             # identifies the sampled tokens (layout-invariance and resume checks)
             metrics["rollout/checksum"] = float(sum(
                 (k + 1) * sum((j + 1) * (t + 1) for j, t in enumerate(s.response_ids))
@@ -401,9 +437,8 @@ class Trainer:
             t0 = time.perf_counter()
             n = run.eval_samples
             rows = list(range(len(self.eval_set)))
-            samples = generate(
-                self.engine, self.tokenizer, self.eval_ids, rows, self.eval_set.answers,
-                self._sampling(n, 12345), get_reward(run.reward),
+            samples = self._generate(
+                self.eval_ids, rows, self.eval_set.answers, self._sampling(n, 12345), get_reward(run.reward),
             )
             if lagged:
                 self._load_engine(self.lagged[0])
@@ -517,4 +552,6 @@ def run(cfg: Any) -> dict[str, Any]:
         logger.close()
         if rank == 0 and tr.engine is not None:
             tr.engine.close()
+        if tr.sandbox is not None:
+            tr.sandbox.close()
         return {"history": history, "exit_reason": exit_reason, "step": tr.step}

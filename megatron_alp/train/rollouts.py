@@ -3,6 +3,10 @@
 Runs on the rank that holds the engine (global rank 0); the trainer broadcasts the
 resulting :class:`Sample` list to every rank. Prompts are tokenized once with the
 tokenizer's own chat template (the same code path as any HF model).
+
+With ``--rl-max-turns > 1`` :func:`generate_multiturn` replaces :func:`generate`: each
+sample is a whole tool-integrated trajectory (model turns and sandbox observations
+interleaved in ``response_ids``) whose ``loss_mask`` is 1 on model tokens only.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from megatron_alp.rl.advantages import compute_advantages
 from megatron_alp.rollout import SamplingParams
 
-__all__ = ["Sample", "encode_prompts", "generate", "pass_at_k"]
+__all__ = ["Sample", "encode_prompts", "generate", "generate_multiturn", "pass_at_k"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -34,6 +38,9 @@ class Sample:
     finish_reason: str
     reward: float
     advantage: float = 0.0
+    loss_mask: list[int] | None = None
+    """Per response token: 1 = model token (trained on), 0 = observation token; None =
+    every response token (single-turn). ``rollout_logp`` is 0.0 where it is 0."""
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, max_length: int, source: str) -> list[list[int]]:
@@ -75,6 +82,40 @@ def generate(
             finish_reason=c.finish_reason, reward=float(reward_fn(text, answers[row])),
         ))
     return out
+
+
+def generate_multiturn(
+    engine: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    prompt_rows: Sequence[int],
+    answers: Sequence[str],
+    sampling: SamplingParams,
+    reward_fn: Callable[[str, str], float],
+    sandbox: Any,
+    cfg: Any,
+) -> tuple[list[Sample], dict[str, float]]:
+    """``sampling.n`` multi-turn trajectories per prompt, scored, and their ``multiturn/*``
+    metrics. ``cfg`` is a :class:`~megatron_alp.rollout.MultiTurnConfig`; the reward reads
+    the whole response text (observations included, as the reference does)."""
+    from megatron_alp.rollout import multiturn_metrics, run_multiturn
+
+    trajs = run_multiturn(engine, [prompt_ids[r] for r in prompt_rows], sampling, tokenizer, sandbox, cfg)
+    out = []
+    for t in trajs:
+        row = prompt_rows[t.prompt_index]
+        out.append(Sample(
+            prompt_index=row, group=t.prompt_index, prompt_ids=list(t.prompt_ids),
+            response_ids=list(t.response_ids), rollout_logp=list(t.rollout_logprobs),
+            finish_reason=t.finish_reason, reward=float(reward_fn(t.response_text, answers[row])),
+            loss_mask=list(t.loss_mask),
+        ))
+    metrics = multiturn_metrics(trajs)
+    calls = sum(t.tool_calls for t in trajs)
+    metrics["multiturn/tool_calls"] = float(calls)
+    metrics["multiturn/tool_errors"] = float(sum(t.tool_errors for t in trajs))
+    metrics["multiturn/tool_timeouts"] = float(sum(t.tool_timeouts for t in trajs))
+    return out, metrics
 
 
 def add_advantages(samples: list[Sample], estimator: str) -> None:

@@ -58,3 +58,38 @@ def train_body(argv: list[str], world_size: int) -> Any:
     cfg = parse_args(argv, world_size=world_size)
     out = run(cfg)
     return out if dist.get_rank() == 0 else None
+
+
+# ------------------------------------------------------------------------ multi-turn
+def scripted_engine_module():
+    """``examples/multiturn_cpu/scripted_engine.py`` (registers ``scripted-first-turn``), once
+    per process: the CPU multi-turn example's engine, whose first turn is a forced code block."""
+    import sys
+
+    name = "multiturn_cpu_scripted_engine"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "examples/multiturn_cpu/scripted_engine.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return sys.modules[name]
+
+
+def multiturn_argv(assets: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``base_argv`` for multi-turn runs: the scripted-first-turn engine, 3 turns, the local
+    sandbox, and a response budget that holds code turn + observation + answer (~70 tokens)."""
+    return base_argv(
+        assets, run_dir,
+        "--rl-rollout-engine", "scripted-first-turn",
+        "--rl-max-turns", "3",
+        "--rl-sandbox", "local",
+        "--rl-sandbox-concurrency", "4",
+        "--rl-max-new-tokens", "96",
+        *extra,
+    )
+
+
+def multiturn_train_body(argv: list[str], world_size: int) -> Any:
+    """``train_body`` with the scripted-first-turn engine registered in this rank."""
+    scripted_engine_module()
+    return train_body(argv, world_size)
