@@ -366,7 +366,13 @@ def _validate_with_megatron(args: argparse.Namespace) -> None:
         with _cpu_device_queries(), contextlib.redirect_stdout(out):
             validate_args(args)
     except AssertionError as e:
-        raise ValueError(f"megatron rejected the arguments: {e}") from None
+        why = str(e).strip()
+        if not why:  # a bare assert: name the condition megatron checked
+            import traceback
+
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            why = f"`{frame.line}` (megatron/training/arguments.py line {frame.lineno})"
+        raise ValueError(f"megatron rejected the arguments: {why}") from None
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
