@@ -84,7 +84,12 @@ if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv "$venv"
 fi
 echo "[bootstrap] installing megatron-alp[$extras] (first time: a few minutes, ~5 GB with torch)" >&2
-"$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e "$repo[$extras]"
+# pip repeats one "WARNING: Location ... is ignored" line per package when a configured
+# index folder is missing on this machine: noise, filtered (real errors still show).
+quiet_pip() {
+    "$venv/bin/python" -m pip "$@" 2> >(sed '/^WARNING: Location .* is ignored: it is neither a file nor a directory\.$/d' >&2)
+}
+quiet_pip install --quiet --upgrade pip
+quiet_pip install --quiet -e "$repo[$extras]"
 echo "$want" > "$stamp_file"
 echo "[bootstrap] ready" >&2
