@@ -77,22 +77,37 @@ class RunConfig:
     rollout_dtype: str
     """Engine precision: bf16 (like a vLLM fleet) or fp32 (parity checks)."""
     prompts_per_step: int
+    """Prompts per RL step (``--grpo-prompts-per-step``)."""
     group_size: int
+    """Completions per prompt (``--grpo-group-size``)."""
     iterations: int
+    """Passes over the step's samples (``--grpo-iterations``)."""
     generation_lag: int
+    """The engine generates with the policy of this many updates ago (``--rl-generation-lag``)."""
     temperature: float
+    """Sampling temperature, also applied to the trainer's log-probs."""
     top_p: float
+    """Always 1: truncated sampling would bias the ratios (refused at parse time)."""
     top_k: int
+    """Always -1 (see ``top_p``)."""
     max_new_tokens: int
+    """Response length bound (``--rl-max-new-tokens``)."""
     max_prompt_length: int
+    """Longer prompts are refused (``--rl-max-prompt-length``)."""
     eval_interval: int
+    """Evaluate every N steps (and at the last step); 0: only at the last step."""
     eval_samples: int
+    """Completions per eval prompt (mean@n, pass@k)."""
     advantage_estimator: str
+    """Advantage estimator registry name."""
     verify_weights_swap: bool
+    """Compare the engine's weights with what was sent after each sync."""
     engine_kwargs: dict
     """Engine-specific ``create_engine`` arguments (the fleet's endpoints, backend, sync address)."""
     run_dir: Path
+    """metrics.jsonl, config.json, logs/ and plots/ go here."""
     nproc: int | None
+    """Ranks to spawn when not under torchrun (None: TP x PP x CP)."""
     max_turns: int = 1
     """Model turns per trajectory; 1 = single-turn (no sandbox), > 1 = tool-integrated
     multi-turn rollouts (``megatron_alp.rollout.multiturn``)."""

@@ -10,6 +10,7 @@
   tracker states incl. ALP's ``"alp-noise"``) — restored when the world size matches;
 * ``trainer_state.pt`` (rank 0): step, prompt-sampler position, the weights the rollout
   engine holds under ``--rl-generation-lag``, the wandb run id, the effective config;
+* ``config.json`` (rank 0): the effective configuration, readable without Python;
 * ``.megatron-alp-checkpoint``: the marker that says this folder was written by us.
 
 Writing goes to ``DIR/.tmp-iter_0000010-<id>/`` and is renamed into place only when every
@@ -25,7 +26,6 @@ import os
 import pickle
 import random
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -81,20 +81,12 @@ def find_checkpoint(root: Path, *, required: bool = True) -> tuple[Path, int | N
     )
 
 
-def _inside(a: Path, b: Path) -> bool:
-    try:
-        a.relative_to(b)
-        return True
-    except ValueError:
-        return False
-
-
 def check_save_path(save: Path, inputs: dict[str, Path]) -> None:
     """Refuse a ``--save`` that is, contains or lies inside one of ``inputs`` (flag -> path)."""
     s = save.resolve()
     for flag, path in inputs.items():
         p = Path(path).resolve()
-        if s == p or _inside(p, s) or _inside(s, p):
+        if s == p or p.is_relative_to(s) or s.is_relative_to(p):
             raise ValueError(
                 f"--save {save} overlaps {flag} {path} (equal, containing or inside it); a run "
                 "never writes where its inputs live: choose another --save"
@@ -292,10 +284,3 @@ def _reload_main_params(policy: Any) -> None:
     reload = getattr(policy.optimizer, "reload_model_params", None)
     if reload is not None:
         reload()
-
-
-def wait_for_path(path: Path, timeout_s: float = 60.0) -> None:
-    """Block until ``path`` exists (shared file systems may lag)."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
