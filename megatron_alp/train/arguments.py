@@ -616,13 +616,20 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         from megatron_alp.train.checkpoint import find_checkpoint
 
         find_checkpoint(load, required=not (args.save and Path(args.save).resolve() == load.resolve()))
-    if args.save:
-        from megatron_alp.train.checkpoint import check_save_path
+    from megatron_alp.train.checkpoint import check_save_path, overlapping_input
 
-        inputs = {"--hf-model": Path(args.hf_model), "--rl-prompt-data": Path(args.rl_prompt_data)}
-        if args.rl_eval_data:
-            inputs["--rl-eval-data"] = Path(args.rl_eval_data)
+    inputs = {"--hf-model": Path(args.hf_model), "--rl-prompt-data": Path(args.rl_prompt_data)}
+    if args.rl_eval_data:
+        inputs["--rl-eval-data"] = Path(args.rl_eval_data)
+    if args.save:
         check_save_path(Path(args.save), inputs)
+    if args.rl_run_dir:
+        hit = overlapping_input(Path(args.rl_run_dir), inputs)
+        if hit:
+            raise ValueError(
+                f"--rl-run-dir {args.rl_run_dir} overlaps {hit[0]} {hit[1]} (equal, containing or "
+                "inside it); metrics, config.json and plots are written there: choose another folder"
+            )
     if args.save_interval is not None and args.save_interval < 1:
         raise ValueError(f"--save-interval={args.save_interval} is invalid; expected >= 1")
     if args.save_interval and not args.save:

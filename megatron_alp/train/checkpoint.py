@@ -81,16 +81,25 @@ def find_checkpoint(root: Path, *, required: bool = True) -> tuple[Path, int | N
     )
 
 
-def check_save_path(save: Path, inputs: dict[str, Path]) -> None:
-    """Refuse a ``--save`` that is, contains or lies inside one of ``inputs`` (flag -> path)."""
-    s = save.resolve()
+def overlapping_input(out: Path, inputs: dict[str, Path]) -> tuple[str, Path] | None:
+    """The first ``(flag, path)`` of ``inputs`` that ``out`` equals, contains or lies inside."""
+    s = out.resolve()
     for flag, path in inputs.items():
         p = Path(path).resolve()
         if s == p or p.is_relative_to(s) or s.is_relative_to(p):
-            raise ValueError(
-                f"--save {save} overlaps {flag} {path} (equal, containing or inside it); a run "
-                "never writes where its inputs live: choose another --save"
-            )
+            return flag, path
+    return None
+
+
+def check_save_path(save: Path, inputs: dict[str, Path]) -> None:
+    """Refuse a ``--save`` that is, contains or lies inside one of ``inputs`` (flag -> path)."""
+    s = save.resolve()
+    hit = overlapping_input(save, inputs)
+    if hit:
+        raise ValueError(
+            f"--save {save} overlaps {hit[0]} {hit[1]} (equal, containing or inside it); a run "
+            "never writes where its inputs live: choose another --save"
+        )
     if s.exists() and not s.is_dir():
         raise ValueError(f"--save {save} exists and is not a folder")
     latest = s / LATEST

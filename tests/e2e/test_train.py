@@ -197,12 +197,14 @@ def test_kill9_then_resume_equals_uninterrupted_run(assets, tmp_path):
         (("--save", "{assets}"), "overlaps --hf-model"),
         (("--save", "{assets}/model/ckpt"), "overlaps --hf-model"),
         (("--save", "{assets}/model"), "overlaps --hf-model"),
+        (("--rl-run-dir", "{assets}/model"), "--rl-run-dir {assets}/model overlaps --hf-model"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(assets, tmp_path, extra, needle):
     from megatron_alp.train.arguments import parse_args
 
     extra = [e.replace("{assets}", str(assets)) for e in extra]
+    needle = needle.replace("{assets}", str(assets))
     argv = base_argv(assets, tmp_path / "run", "--train-iters", "2", *extra)
     with pytest.raises(ValueError) as e:
         parse_args(argv, world_size=None)
