@@ -4,10 +4,14 @@ sigma exists only on the perturbed layers (a partial layer range, or the last la
 with ``placement="logits"``, the paper's ablations). Each case saves a model under one
 layout (TP2 x PP2, or TP2 with DP = 2 on 4 ranks) and loads it under others; the
 oracle is the state that was saved: every weight and every sigma comes back
-bit-exact, and sigma is a parameter on the perturbed layers only.
+bit-exact, and sigma is a parameter on the perturbed layers only. A second test
+resumes model + Adam state of a partial range at another layout. Saves run in RankGroup's
+daemonic ranks with a synchronous torch_dist strategy (``ckpt_bodies.sync_save``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -16,12 +20,14 @@ from megatron_alp.launch import RankGroup
 from megatron_alp.perturbation import ALPConfig
 from tests.distributed import ckpt_bodies as bodies
 
+_RANGE = ALPConfig(init_std=bodies.SIGMA0, layer_start=1, layer_end=3)
+_LOGITS = ALPConfig(init_std=bodies.SIGMA0, placement="logits")
 CASES = {
-    # case: (ALP config, save layout, load layouts)
-    "range_1_3_tp2pp2": (ALPConfig(init_std=bodies.SIGMA0, layer_start=1, layer_end=3), "tp2_pp2", ["tp1", "pp2"]),
-    "range_1_3_tp2_dp2": (ALPConfig(init_std=bodies.SIGMA0, layer_start=1, layer_end=3), "tp2", ["pp2"]),
-    "logits_tp2pp2": (ALPConfig(init_std=bodies.SIGMA0, placement="logits"), "tp2_pp2", ["tp1"]),
-    "logits_tp2_dp2": (ALPConfig(init_std=bodies.SIGMA0, placement="logits", learnable=False), "tp2", ["pp2_vpp2"]),
+    # case: (ALP config, save layout, load layouts); "tp2" on 4 ranks is TP2 x DP2
+    "range_1_3_tp2pp2": (_RANGE, "tp2_pp2", ["tp1", "pp2"]),
+    "range_1_3_tp2_dp2": (_RANGE, "tp2", ["pp2"]),
+    "logits_tp2pp2": (_LOGITS, "tp2_pp2", ["tp1"]),
+    "logits_fixed_tp2_dp2": (dataclasses.replace(_LOGITS, learnable=False), "tp2", ["pp2_vpp2"]),
     "full_range_tp2pp2": (ALPConfig(init_std=bodies.SIGMA0), "tp2_pp2", ["pp2"]),
 }
 
