@@ -157,6 +157,9 @@ def build(
     """Write the assets into ``out`` (an existing folder); ``warmup_max_steps`` caps the warm-up."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one-shard save of a 0.1 MB model: no bar needed
 
     train, evals = task_rows()
     corpus = [
