@@ -8,8 +8,10 @@
   loads under another TP / PP / DP), the LR scheduler, the step;
 * ``rng/rank_XXXXX.pt``: every RNG state of the rank (Python, NumPy, torch, Megatron's
   tracker states incl. ALP's ``"alp-noise"``) — restored when the world size matches;
-* ``trainer_state.pt`` (rank 0): step, prompt-sampler position, the weights the rollout
-  engine holds under ``--rl-generation-lag``, the wandb run id, the effective config;
+* ``trainer_state.pt`` (rank 0): step, prompt-sampler position, the wandb run id, the
+  effective config;
+* ``engine_weights.pt`` (rank 0, under ``--rl-generation-lag``): the weights the rollout
+  engine holds and will hold next — read back by rank 0 only, the rank with the engine;
 * ``config.json`` (rank 0): the effective configuration, readable without Python;
 * ``.megatron-alp-checkpoint``: the marker that says this folder was written by us.
 
@@ -199,8 +201,16 @@ def _broadcast_str(value: str | None) -> str:
     return obj[0]
 
 
-def save_checkpoint(save: Path, step: int, policy: Any, trainer_state: dict[str, Any]) -> Path:
-    """Write ``iter_{step}`` atomically (collective; see the module docstring)."""
+ENGINE_WEIGHTS = "engine_weights.pt"
+
+
+def save_checkpoint(
+    save: Path, step: int, policy: Any, trainer_state: dict[str, Any], engine_weights: Any = None
+) -> Path:
+    """Write ``iter_{step}`` atomically (collective; see the module docstring).
+
+    ``engine_weights`` (rank 0's lagged engine weights, or None) go to their own file.
+    """
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
@@ -221,6 +231,8 @@ def save_checkpoint(save: Path, step: int, policy: Any, trainer_state: dict[str,
         os.replace(tmp / "trainer_state.pt.part", tmp / "trainer_state.pt")
         if "config" in trainer_state:  # the effective configuration, readable without Python
             (tmp / "config.json").write_text(str(trainer_state["config"]) + "\n")
+        if engine_weights is not None:
+            torch.save(engine_weights, tmp / ENGINE_WEIGHTS)
     dist.barrier()
     final = iter_dir(save, step)
     if rank == 0:

@@ -179,13 +179,17 @@ class Trainer:
         )
         return samples
 
-    def _export(self) -> list[list[tuple[str, torch.Tensor]]] | None:
-        """Every rank runs the export; rank 0 gets the buckets (copied, engine dtype)."""
+    def _export_stream(self):
+        """The HF-named weight stream in the engine's dtype (collective: every rank drains it)."""
         from megatron_alp.convert.live_export import export_hf_buckets
 
         dtype = torch.float32 if self.cfg.run.rollout_dtype == "fp32" else torch.bfloat16
+        return export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype)
+
+    def _export(self) -> list[list[tuple[str, torch.Tensor]]] | None:
+        """Every rank runs the export; rank 0 gets the buckets (copied, engine dtype)."""
         buckets = []
-        for bucket in export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype):
+        for bucket in self._export_stream():
             if self.rank == 0:
                 buckets.append([(n, t.detach().to("cpu", copy=True)) for n, t in bucket])
         return buckets if self.rank == 0 else None
@@ -216,10 +220,7 @@ class Trainer:
         """
         run = self.cfg.run
         if run.generation_lag == 0 and not run.verify_weights_swap:
-            from megatron_alp.convert.live_export import export_hf_buckets
-
-            dtype = torch.float32 if run.rollout_dtype == "fp32" else torch.bfloat16
-            stream = export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype)
+            stream = self._export_stream()
             if self.rank == 0:
                 self.engine.update_weights(stream)
             for _ in stream:  # drain: every rank takes part in each bucket's collectives
@@ -462,19 +463,26 @@ class Trainer:
             "step": self.step,
             "opt_step": self.opt_step,
             "sampler": self.sampler.state_dict(),
-            "lagged_engine_weights": list(self.lagged) if self.cfg.run.generation_lag else None,
+            "engine_weights_saved": bool(self.cfg.run.generation_lag),
             "wandb_id": self.wandb_id,
             "config": config_json(self.cfg),
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def engine_weights(self) -> list | None:
+        """What the checkpoint keeps for the engine: the lagged weights (rank 0, lag > 0)."""
+        return list(self.lagged) if self.rank == 0 and self.cfg.run.generation_lag else None
+
+    def restore(self, state: dict[str, Any], folder: Path) -> bool:
+        """Resume from a checkpoint's trainer state; True if the engine's lagged weights
+        were saved (rank 0 reads them; the other ranks never hold them)."""
         self.step = int(state["step"])
         self.opt_step = int(state["opt_step"])
         self.sampler.load_state_dict(state["sampler"])
         self.wandb_id = state.get("wandb_id")
-        lagged = state.get("lagged_engine_weights")
-        if lagged:
-            self.lagged = collections.deque(lagged)
+        saved = bool(state.get("engine_weights_saved"))
+        if saved and self.rank == 0:
+            self.lagged = collections.deque(torch.load(folder / ckpt.ENGINE_WEIGHTS, weights_only=False))
+        return saved
 
 
 def run(cfg: Any) -> dict[str, Any]:
@@ -489,6 +497,7 @@ def run(cfg: Any) -> dict[str, Any]:
         say(f"[train] building the policy ({cfg.loss_preset}, ALP {'on' if cfg.alp.enabled else 'off'}) ...")
         tr = Trainer(cfg)
         resumed = None
+        engine_weights_restored = False
         if cfg.save is not None and rank == 0:
             removed = ckpt.clean_stale(cfg.save)
             for p in removed:
@@ -502,7 +511,7 @@ def run(cfg: Any) -> dict[str, Any]:
                     load_rng=not cfg.no_load_rng,
                 )
                 if state is not None:
-                    tr.restore(state)
+                    engine_weights_restored = tr.restore(state, folder)
                     resumed = tr.step
                 say(f"[train] loaded {folder}" + (f" (resuming after step {tr.step})" if state else " (weights only)"))
         tr.start_engine()
@@ -513,14 +522,11 @@ def run(cfg: Any) -> dict[str, Any]:
             (Path(cfg.run.run_dir) / "config.json").write_text(config_json(cfg) + "\n")
         # The engine starts from the policy's weights (before the first rollout too); on
         # resume under lag it gets the checkpoint's lagged copy.
-        if tr.lagged and rank == 0:
-            tr._load_engine(tr.lagged[0])
-            dist.barrier()
+        if engine_weights_restored:
+            if rank == 0:
+                tr._load_engine(tr.lagged[0])
         else:
-            if tr.lagged:
-                dist.barrier()
-            else:
-                tr.sync_weights()
+            tr.sync_weights()
         last_saved = tr.step if resumed is not None else None
         exit_reason = "done"
         while tr.step < cfg.train_iters:
@@ -530,7 +536,7 @@ def run(cfg: Any) -> dict[str, Any]:
             logger.log(tr.step, metrics)
             logger.say(progress_line(tr.step, cfg.train_iters, metrics))
             if cfg.save is not None and cfg.save_interval and tr.step % cfg.save_interval == 0:
-                ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state())
+                ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state(), tr.engine_weights())
                 last_saved = tr.step
                 logger.say(f"[train] saved {ckpt.iter_dir(cfg.save, tr.step)}")
             if _agree(stop.received):
@@ -543,7 +549,7 @@ def run(cfg: Any) -> dict[str, Any]:
                 exit_reason = "exit-duration"
                 break
         if cfg.save is not None and last_saved != tr.step:
-            ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state())
+            ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state(), tr.engine_weights())
             logger.say(f"[train] saved {ckpt.iter_dir(cfg.save, tr.step)}")
         if exit_reason != "done":
             logger.say(f"[train] stopped after step {tr.step} ({exit_reason}); resume with --load {cfg.save}")
