@@ -3,24 +3,22 @@ is validated on CPU, without ranks; the CPU example's config with its scripted e
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.unit.test_examples import qwen2_config_folder
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _qwen25_7b(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064,
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
-    }))
-    return folder
+    return qwen2_config_folder(
+        folder, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+        rope_theta=1000000.0, tie_word_embeddings=False,
+    )
 
 
 def test_qwen25_7b_multiturn_recipe_has_the_paper_settings(tmp_path):

@@ -10,15 +10,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _qwen25_15b(folder: Path) -> Path:
+def qwen2_config_folder(folder: Path, **dims) -> Path:
+    """An HF folder holding only a Qwen2 ``config.json`` with these sizes (no weights)."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({
-        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
-        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-        "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rms_norm_eps": 1e-6, **dims,
     }))
     return folder
+
+
+def _qwen25_15b(folder: Path) -> Path:
+    return qwen2_config_folder(
+        folder, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_theta=10000.0, tie_word_embeddings=True,
+    )
 
 
 def test_qwen25_math_recipe_parses_with_its_paper_settings(tmp_path):
