@@ -51,7 +51,7 @@ from megatron_alp.rollout.fleet_backends import (
 )
 from megatron_alp.rollout.vllm_support import bucket_meta
 
-__all__ = ["FleetEngine", "FleetError"]
+__all__ = ["FleetEngine", "FleetError", "trainer_gpus"]
 
 BACKENDS = ("twin", "vllm")
 
@@ -73,6 +73,28 @@ class _EngineState:
     stale: bool = False  # seen down: until the next sync its weights are not trusted
 
 
+def trainer_gpus(environ: dict[str, str] | None = None, current: int | None = None) -> list[int]:
+    """GPU indices (this process's view) that a locally started vLLM fleet must not use.
+
+    The trainer's ranks on this node use ``cuda:<LOCAL_RANK>`` (``platform.device``), so
+    indices ``0 .. LOCAL_WORLD_SIZE - 1`` are theirs, plus this process's current GPU (the
+    weight sender): an engine there would fail vLLM's free-memory check and NCCL's
+    "Duplicate GPU detected" (issue 10, defect 1).
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    try:
+        local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"LOCAL_WORLD_SIZE={env.get('LOCAL_WORLD_SIZE')!r} is not an integer") from None
+    if current is None:
+        import torch
+
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return sorted(set(range(max(local, 1))) | {int(current)})
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -92,7 +114,10 @@ class FleetEngine:
     times (on other engines first). ``max_in_flight`` requests per engine (default 8 for
     the twin, 64 for vLLM; each in-flight request holds one client thread).
     ``allow_truncation`` lets top-p / top-k
-    through (see ``check_ratio_sampling``).
+    through (see ``check_ratio_sampling``). ``served_model_name`` (vLLM) is sent as the
+    request's ``model``; None lets each server answer with the model it serves. A local
+    vLLM fleet never takes the trainer's GPUs (:func:`trainer_gpus`) unless
+    ``launch_kwargs["reserve_gpus"]`` says otherwise.
     """
 
     def __init__(
@@ -132,14 +157,14 @@ class FleetEngine:
             from megatron_alp.rollout.fleet_launch import LocalFleet
 
             path = self._model_folder(model)
-            self.fleet = LocalFleet(num_engines, model=path, backend=backend, dtype=dtype,
-                                    **(launch_kwargs or {}))
+            launch = dict(launch_kwargs or {})
+            if backend == "vllm" and "reserve_gpus" not in launch:
+                launch["reserve_gpus"] = trainer_gpus()
+            self.fleet = LocalFleet(num_engines, model=path, backend=backend, dtype=dtype, **launch)
             endpoints = self.fleet.endpoints
             served_model_name = served_model_name or path
         if not endpoints:
             raise ValueError("fleet engine: endpoints is empty")
-        if backend == "vllm" and not served_model_name and any(isinstance(u, str) for u in endpoints):
-            raise ValueError("fleet engine (vllm): served_model_name (the model vllm serve serves) is required")
         eps = [u if not isinstance(u, str) else
                TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
                for u in endpoints]  # objects: ready Endpoint implementations

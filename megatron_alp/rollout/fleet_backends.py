@@ -148,11 +148,17 @@ class TwinEndpoint:
 
 
 class VLLMEndpoint:
-    """A ``vllm serve`` engine at ``url`` serving ``model`` (the served model name)."""
+    """A ``vllm serve`` engine at ``url`` serving ``model`` (the served model name).
+
+    ``model`` None leaves the request's ``model`` out, which vLLM answers with the model
+    it serves (vllm 0.10.2 ``serving_engine.py`` / 0.33 ``serve/engine/serving.py``
+    ``_is_model_supported``: an empty name is accepted): the trainer knows the policy's
+    HF folder, but not necessarily the exact string each ``vllm serve`` was started with.
+    """
 
     kind = "vllm"
 
-    def __init__(self, url: str, model: str) -> None:
+    def __init__(self, url: str, model: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.model = model
 

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from megatron_alp.rollout.fleet_backends import EngineDown, EngineError, http_json
 
-__all__ = ["LocalFleet", "assign_devices", "engine_command", "main"]
+__all__ = ["LocalFleet", "assign_devices", "engine_command", "main", "visible_devices"]
 
 
 def assign_devices(
@@ -50,6 +50,27 @@ def assign_devices(
     return [free[k * gpus_per_engine : (k + 1) * gpus_per_engine] for k in range(num_engines)]
 
 
+def visible_devices(devices: Sequence[int], parent_visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of an engine given GPU indices *as this process sees them*.
+
+    A child's ``CUDA_VISIBLE_DEVICES`` names GPUs in the namespace of the variable this
+    process itself got (physical indices or UUIDs), not this process's 0-based indices:
+    under ``CUDA_VISIBLE_DEVICES=4,5,6,7`` (a Slurm allocation, a restricted trainer),
+    index 0 is physical GPU 4, and handing the child "0" would put it on another job's
+    GPU or the trainer's. Raises ``ValueError`` for an index this process cannot see.
+    """
+    if parent_visible is None or parent_visible.strip() == "":
+        return ",".join(str(int(d)) for d in devices)
+    visible = [v.strip() for v in parent_visible.split(",") if v.strip()]
+    bad = [d for d in devices if not 0 <= int(d) < len(visible)]
+    if bad:
+        raise ValueError(
+            f"GPU indices {bad} are not visible to this process (CUDA_VISIBLE_DEVICES="
+            f"{parent_visible!r} shows {len(visible)} GPUs, indices 0..{len(visible) - 1})"
+        )
+    return ",".join(visible[int(d)] for d in devices)
+
+
 def engine_command(
     backend: str, model: str, port: int, *, host: str = "127.0.0.1", dtype: str = "bfloat16",
     gpus_per_engine: int = 1, seed: int = 0, extra: Sequence[str] = (),
@@ -60,8 +81,11 @@ def engine_command(
                 "--host", host, "--port", str(port), "--dtype", dtype, *extra]
     if backend == "vllm":
         # Flag names from vllm 0.10.2 engine/arg_utils.py (unchanged in 0.33).
+        # --generation-config vllm: no server defaults from the model's
+        # generation_config.json (penalties, top-k/p, a server-wide max_new_tokens cap).
         return ["vllm", "serve", model, "--host", host, "--port", str(port),
                 "--dtype", "bfloat16", "--logprobs-mode", "processed_logprobs",
+                "--generation-config", "vllm",
                 "--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension",
                 "--enable-prefix-caching", "--tensor-parallel-size", str(gpus_per_engine),
                 "--seed", str(seed), *extra]
@@ -91,6 +115,8 @@ class LocalFleet:
 
                 gpus = list(range(torch.cuda.device_count()))
             self.devices = list(assign_devices(num_engines, gpus_per_engine, gpus, reserve_gpus))
+            for devs in self.devices:  # an unmappable index fails here, not in a child
+                visible_devices(devs, os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.ports = [base_port + k if base_port is not None else free_port() for k in range(num_engines)]
         self.procs: list[subprocess.Popen | None] = [None] * num_engines
         try:
@@ -110,7 +136,8 @@ class LocalFleet:
         """Start engine k (its previous process must be gone)."""
         env = dict(os.environ)
         if self.devices[k] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.devices[k]))
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.devices[k],
+                                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
         if self.backend == "vllm":
             env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /reset_prefix_cache
         else:
@@ -179,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address the engines listen on")
     p.add_argument("--base-port", type=int, default=8100)
     p.add_argument("--dtype", default="bfloat16", help="twin only (vLLM always runs bfloat16)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU indices (vllm; default: all)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU indices as this process sees them, i.e. "
+                   "after CUDA_VISIBLE_DEVICES (vllm; default: all)")
     p.add_argument("--gpus-per-engine", type=int, default=1, help="vLLM tensor parallel size")
     p.add_argument("--reserve-gpus", default="", help="GPUs never given to an engine (the trainer's)")
     p.add_argument("--log-dir", default=None)

@@ -100,9 +100,13 @@ def sampling_kwargs(
     return kw
 
 
+_VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
 def engine_kwargs(
     model: str,
     *,
+    dtype: str = "bfloat16",
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.85,
@@ -111,7 +115,8 @@ def engine_kwargs(
     seed: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``: BF16, processed log-probs, our worker extension.
+    """Keyword arguments for ``vllm.LLM``: BF16 (unless ``dtype`` says otherwise),
+    processed log-probs, our worker extension.
 
     ``colocate`` turns on sleep mode (the engine frees its weights and KV cache while
     the trainer runs on the same GPUs). Data parallelism inside one engine is refused:
@@ -125,7 +130,7 @@ def engine_kwargs(
         )
     kw: dict[str, Any] = dict(
         model=model,
-        dtype="bfloat16",
+        dtype=_VLLM_DTYPES.get(dtype, dtype),
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
