@@ -22,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Protocol, Sequence
@@ -192,10 +193,23 @@ class VLLMEndpoint:
         m = _meta_body(meta)
         self._rpc("receive_bucket", [m["names"], m["dtypes"], m["shapes"]], timeout=timeout)
 
-    def commit(self, version, *, epoch, timeout):
+    def commit(self, version, *, epoch, timeout, retry_s: float = 20.0):
         # 0.33 answers {"success": bool}; 0.10.2 an empty 200 (its reset is unchecked).
-        ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)
-        require_reset(ans.get("success") if isinstance(ans, dict) else None, self.url)
+        # False means blocks are still held (a request the client gave up on is still
+        # running, an async KV transfer is in flight): vllm 0.33 serve/dev/cache/
+        # api_router.py says "callers may retry". Still False after retry_s: the engine
+        # is reported down (EngineDown), so it is marked stale and serves nothing until a
+        # later sync succeeds, instead of the whole update failing with RuntimeError.
+        deadline = time.monotonic() + retry_s
+        while True:
+            ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)
+            try:
+                require_reset(ans.get("success") if isinstance(ans, dict) else None, self.url)
+                return
+            except RuntimeError as e:
+                if time.monotonic() >= deadline:
+                    raise EngineDown(str(e)) from None
+            time.sleep(0.5)
 
 
 class GlooSender:
