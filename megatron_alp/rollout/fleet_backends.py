@@ -30,7 +30,12 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from megatron_alp.rollout.base import Completion, SamplingParams, WeightBucket
-from megatron_alp.rollout.vllm_support import BucketMeta, require_pynccl, require_reset
+from megatron_alp.rollout.vllm_support import (
+    BucketMeta,
+    require_pynccl,
+    require_reset,
+    wait_for_stream,
+)
 from megatron_alp.rollout.weight_group import GlooGroup, broadcast_bucket
 from megatron_alp.rollout.wire import (
     completion_from_dict,
@@ -191,7 +196,8 @@ class VLLMEndpoint:
 
     def receive_bucket(self, meta, *, epoch, timeout):
         m = _meta_body(meta)
-        self._rpc("receive_bucket", [m["names"], m["dtypes"], m["shapes"]], timeout=timeout)
+        self._rpc("receive_bucket", [m["names"], m["dtypes"], m["shapes"], float(timeout)],
+                  timeout=timeout)
 
     def commit(self, version, *, epoch, timeout, retry_s: float = 20.0):
         # 0.33 answers {"success": bool}; 0.10.2 an empty 200 (its reset is unchecked).
@@ -247,11 +253,17 @@ class NcclSender:
         require_pynccl(self.comm, "fleet weight sender")
 
     def send(self, bucket: WeightBucket) -> None:
+        if self.comm is None:
+            raise RuntimeError("fleet weight sender: not connected (or a previous broadcast "
+                               "timed out and the group was aborted)")
         stream = torch.cuda.current_stream()
         dev = torch.device("cuda", torch.cuda.current_device())
         for _, t in bucket:
             self.comm.broadcast(t.detach().to(dev).contiguous(), src=0, stream=stream)
-        stream.synchronize()
+        # Bounded: a member that died mid-bucket would make synchronize() hang forever.
+        comm, self.comm = self.comm, None
+        wait_for_stream(stream, self.args[3], comm, "fleet weight sender")
+        self.comm = comm
 
     def close(self) -> None:
         self.comm = None

@@ -52,3 +52,56 @@ def test_vllm_commit_retries_a_busy_reset_then_reports_the_engine_down(monkeypat
         ep.commit(1, epoch=0, timeout=5, retry_s=0)
     monkeypatch.setattr(fb, "http_json", lambda url, body=None, *, timeout: None)  # 0.10.2
     ep.commit(1, epoch=0, timeout=5)
+
+
+class _FakeNccl:
+    """vllm 0.33's NCCLLibrary has ncclCommAbort; 0.10.2's only exposes the ctypes lib."""
+
+    def __init__(self, wrapped: bool):
+        self.aborted = []
+        if wrapped:
+            self.ncclCommAbort = self.aborted.append
+        else:
+            self.lib = SimpleNamespace(ncclCommAbort=self.aborted.append)
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_a_stuck_broadcast_times_out_and_aborts_the_communicator(wrapped):
+    """A member that dies mid-bucket leaves the NCCL kernel spinning: stream.synchronize()
+    on the sender and on every surviving worker never returned (the trainer hung)."""
+    from megatron_alp.rollout.vllm_support import wait_or_abort
+
+    comm = SimpleNamespace(nccl=_FakeNccl(wrapped), comm="handle-7", disabled=False)
+    with pytest.raises(TimeoutError, match="sender: .*within 0 s.*aborted"):
+        wait_or_abort(lambda: False, 0.05, comm, "sender")
+    assert comm.nccl.aborted == ["handle-7"] and comm.disabled
+    polls = iter([False, False, True])
+    wait_or_abort(lambda: next(polls), 5, SimpleNamespace(), "sender", poll_s=0)  # finishes
+
+
+def test_worker_receive_bucket_takes_the_timeout_over_rpc():
+    """The fleet passes sync_timeout_s to each worker (a plain float: msgpack-safe)."""
+    import inspect
+
+    import msgspec
+
+    from megatron_alp.rollout.vllm_worker import WeightSyncExtension
+
+    params = inspect.signature(WeightSyncExtension.receive_bucket).parameters
+    assert list(params)[1:] == ["names", "dtypes", "shapes", "timeout_s"]
+    args = [["a"], ["bfloat16"], [[2, 3]], 300.0]
+    assert msgspec.msgpack.decode(msgspec.msgpack.Encoder().encode(args)) == args
+    import megatron_alp.rollout.fleet_backends as fb
+    from megatron_alp.rollout.vllm_support import bucket_meta
+
+    sent = []
+    saved = fb.http_json
+    fb.http_json = lambda url, body=None, *, timeout: sent.append(body) or {"results": [1]}
+    try:
+        import torch
+
+        fb.VLLMEndpoint("http://e:1").receive_bucket(
+            bucket_meta([("a", torch.zeros(2, 3, dtype=torch.bfloat16))]), epoch=0, timeout=42)
+    finally:
+        fb.http_json = saved
+    assert sent[0]["method"] == "receive_bucket" and sent[0]["args"] == args[:3] + [42.0]
