@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -117,7 +118,8 @@ class FleetEngine:
     through (see ``check_ratio_sampling``). ``served_model_name`` (vLLM) is sent as the
     request's ``model``; None lets each server answer with the model it serves. A local
     vLLM fleet never takes the trainer's GPUs (:func:`trainer_gpus`) unless
-    ``launch_kwargs["reserve_gpus"]`` says otherwise.
+    ``launch_kwargs["reserve_gpus"]`` says otherwise. Engines that do not answer yet are
+    waited for up to ``startup_wait_s`` (a ``vllm serve`` takes minutes to come up).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class FleetEngine:
         max_attempts: int = 4,
         allow_truncation: bool = False,
         launch_kwargs: dict[str, Any] | None = None,
+        startup_wait_s: float = 900.0,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"fleet backend {backend!r} is not one of {BACKENDS}")
@@ -185,6 +188,7 @@ class FleetEngine:
         self._pool = cf.ThreadPoolExecutor(max_workers=max_in_flight * len(self.engines),
                                            thread_name_prefix="fleet")
         self.refresh()
+        self._await_engines(startup_wait_s)
 
     def _model_folder(self, model: Any) -> str:
         if isinstance(model, str):
@@ -213,6 +217,25 @@ class FleetEngine:
             st.up = True
 
         list(self._pool.map(probe, self.engines))
+
+    def _await_engines(self, wait_s: float) -> None:
+        """Give engines that are still starting up to ``wait_s`` to answer.
+
+        ``examples/`` start ``fleet_launch`` and the trainer side by side; ``vllm serve``
+        answers ``/health`` only after loading the model and capturing CUDA graphs
+        (minutes), and the trainer's first ``update_weights`` used to find no engine up
+        and fail. Engines still down after ``wait_s`` are left to the usual handling
+        (down; they join a later sync when they come up)."""
+        deadline = time.monotonic() + wait_s
+        said = False
+        while not all(st.up for st in self.engines) and time.monotonic() < deadline:
+            if not said:
+                down = [st.endpoint.url for st in self.engines if not st.up]
+                print(f"[fleet] waiting up to {wait_s:.0f} s for {len(down)} engine(s) to "
+                      f"start: {', '.join(down)}", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            self.refresh()
 
     def _mark_down(self, st: _EngineState, why: str) -> None:
         with self._lock:

@@ -105,3 +105,34 @@ def test_worker_receive_bucket_takes_the_timeout_over_rpc():
     finally:
         fb.http_json = saved
     assert sent[0]["method"] == "receive_bucket" and sent[0]["args"] == args[:3] + [42.0]
+
+
+def test_fleet_client_waits_for_engines_still_starting():
+    """run.sh / fleet.sbatch start the engines and the trainer side by side; the first
+    update_weights used to find no engine up ("no engine is up to receive weights")."""
+    import time
+
+    from megatron_alp.rollout.fleet_backends import EngineDown
+
+    class Starting:
+        url = "fake://starting"
+
+        def __init__(self, ready_at):
+            self.ready_at = ready_at
+
+        def health(self, *, timeout):
+            if time.monotonic() < self.ready_at:
+                raise EngineDown(f"{self.url}: connection refused")
+            return dict(instance="x", weight_version=0)
+
+    t0 = time.monotonic()
+    engine = create_engine("fleet", endpoints=[Starting(t0 + 1.0)], startup_wait_s=30)
+    try:
+        assert engine.engines[0].up and time.monotonic() - t0 < 10
+    finally:
+        engine.close()
+    engine = create_engine("fleet", endpoints=[Starting(t0 + 1e9)], startup_wait_s=0.2)
+    try:
+        assert not engine.engines[0].up  # gave up waiting: down, handled later
+    finally:
+        engine.close()

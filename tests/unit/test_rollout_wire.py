@@ -118,7 +118,7 @@ def test_fleet_vllm_needs_no_served_model_name():
 
     engine = create_engine("fleet", endpoints=["http://127.0.0.1:9"], backend="vllm",
                            model="/ckpt/hf", dtype="bfloat16", sync_host="127.0.0.1",
-                           sync_port=None, health_timeout_s=0.5)
+                           sync_port=None, health_timeout_s=0.5, startup_wait_s=0)
     try:
         ep = engine.engines[0].endpoint
         assert isinstance(ep, VLLMEndpoint) and ep.model is None
