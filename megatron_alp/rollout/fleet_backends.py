@@ -239,13 +239,23 @@ class NcclSender:
     (the engines run on other GPUs: their own processes, their own devices)."""
 
     def __init__(self, host: str, port: int, world_size: int, *, timeout_s: float) -> None:
+        # Imported here, before any engine is asked to join: a trainer environment
+        # without vLLM fails at once, not after the engines' rendezvous timeout.
+        try:
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+        except ImportError as e:
+            raise ImportError(
+                f"the vLLM fleet's weight sender runs in the trainer and needs vLLM there ({e}): "
+                "pip install 'megatron-alp[vllm]' in the trainer's environment, the same vLLM "
+                "version as the engines'"
+            ) from None
+        self._classes = (PyNcclCommunicator, StatelessProcessGroup)
         self.args = (host, port, world_size, timeout_s)
         self.comm: Any = None
 
     def connect(self) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
+        PyNcclCommunicator, StatelessProcessGroup = self._classes
         host, port, world, timeout_s = self.args
         pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world,
                                           store_timeout=int(timeout_s))

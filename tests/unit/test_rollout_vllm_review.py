@@ -136,3 +136,14 @@ def test_fleet_client_waits_for_engines_still_starting():
         assert not engine.engines[0].up  # gave up waiting: down, handled later
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None,
+                    reason="vllm is installed here")
+def test_sender_without_vllm_fails_before_the_engines_wait():
+    """The sender used to import vLLM inside connect(), after every engine had been told
+    to join: a trainer without vLLM then failed only after the rendezvous timeout."""
+    from megatron_alp.rollout.fleet_backends import NcclSender
+
+    with pytest.raises(ImportError, match="weight sender runs in the trainer and needs vLLM"):
+        NcclSender("127.0.0.1", 1, 2, timeout_s=5)
