@@ -128,7 +128,13 @@ class TwinEndpoint:
         self.url = url.rstrip("/")
 
     def health(self, *, timeout: float) -> dict[str, Any]:
-        return http_json(self.url + "/health", timeout=timeout)
+        ans = http_json(self.url + "/health", timeout=timeout)
+        if not isinstance(ans, dict) or "instance" not in ans:
+            # vllm serve answers /health with an empty 200: the wrong backend was chosen.
+            raise EngineError(f"{self.url}/health answered {ans!r}, not a CPU twin engine's "
+                              "status (a vllm serve engine? use backend='vllm', "
+                              "--rl-fleet-backend vllm)")
+        return ans
 
     def generate(self, rows, sp, *, timeout):
         body = dict(rows=[[i, j, list(p)] for i, j, p in rows], sampling=sampling_to_dict(sp))

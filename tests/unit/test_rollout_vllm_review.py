@@ -147,3 +147,13 @@ def test_sender_without_vllm_fails_before_the_engines_wait():
 
     with pytest.raises(ImportError, match="weight sender runs in the trainer and needs vLLM"):
         NcclSender("127.0.0.1", 1, 2, timeout_s=5)
+
+
+def test_twin_client_against_vllm_serve_names_the_backend(monkeypatch):
+    """vllm serve's /health is an empty 200; the twin client used to crash with
+    AttributeError ('NoneType' object has no attribute 'get')."""
+    import megatron_alp.rollout.fleet_backends as fb
+
+    monkeypatch.setattr(fb, "http_json", lambda url, body=None, *, timeout: None)
+    with pytest.raises(fb.EngineError, match="use backend='vllm'"):
+        fb.TwinEndpoint("http://e:1").health(timeout=1)
