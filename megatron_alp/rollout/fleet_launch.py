@@ -24,6 +24,9 @@ from typing import Sequence
 
 from megatron_alp.rollout.fleet_backends import EngineDown, EngineError, http_json
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The folder holding this ``megatron_alp`` package (put first on the engines' path)."""
+
 __all__ = ["LocalFleet", "assign_devices", "engine_command", "main", "visible_devices"]
 
 
@@ -83,7 +86,11 @@ def engine_command(
         # Flag names from vllm 0.10.2 engine/arg_utils.py (unchanged in 0.33).
         # --generation-config vllm: no server defaults from the model's
         # generation_config.json (penalties, top-k/p, a server-wide max_new_tokens cap).
-        return ["vllm", "serve", model, "--host", host, "--port", str(port),
+        # `python -m vllm.entrypoints.cli.main` is the `vllm` console script (both
+        # wheels' entry_points.txt) run by this interpreter: the same environment as the
+        # trainer (its vLLM, for the NCCL group), whether or not its bin/ is on PATH.
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+                "--host", host, "--port", str(port),
                 "--dtype", "bfloat16", "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm",
                 "--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension",
@@ -134,14 +141,7 @@ class LocalFleet:
 
     def start(self, k: int, *, wait: bool = True) -> None:
         """Start engine k (its previous process must be gone)."""
-        env = dict(os.environ)
-        if self.devices[k] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.devices[k],
-                                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
-        if self.backend == "vllm":
-            env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /reset_prefix_cache
-        else:
-            env.setdefault("OMP_NUM_THREADS", "1")
+        env = self.engine_env(k)
         cmd = engine_command(self.backend, self.model, self.ports[k], host=self.host,
                              dtype=self.dtype, gpus_per_engine=self.gpus_per_engine, seed=k,
                              extra=self.extra)
@@ -150,6 +150,22 @@ class LocalFleet:
                                          start_new_session=True)
         if wait:
             self.wait_ready(k)
+
+    def engine_env(self, k: int) -> dict[str, str]:
+        """The environment of engine k's process."""
+        env = dict(os.environ)
+        # The engine (vLLM's workers load our worker extension by name) imports the same
+        # megatron_alp as this process, installed or not, whatever the working directory.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        if self.devices[k] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.devices[k],
+                                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if self.backend == "vllm":
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /reset_prefix_cache
+        else:
+            env.setdefault("OMP_NUM_THREADS", "1")
+        return env
 
     def wait_ready(self, k: int) -> None:
         """Block until engine k answers ``/health``; its exit or the timeout raise."""

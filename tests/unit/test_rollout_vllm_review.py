@@ -157,3 +157,24 @@ def test_twin_client_against_vllm_serve_names_the_backend(monkeypatch):
     monkeypatch.setattr(fb, "http_json", lambda url, body=None, *, timeout: None)
     with pytest.raises(fb.EngineError, match="use backend='vllm'"):
         fb.TwinEndpoint("http://e:1").health(timeout=1)
+
+
+def test_engine_processes_import_this_megatron_alp(monkeypatch):
+    """vLLM's workers import the worker extension by name; `vllm serve` found through
+    PATH runs with the script's folder first on sys.path, so an uninstalled checkout
+    (or another environment's `vllm`) failed at worker start-up."""
+    import os
+    import sys
+
+    import megatron_alp
+    from megatron_alp.rollout.fleet_launch import LocalFleet, engine_command
+
+    fleet = LocalFleet.__new__(LocalFleet)
+    fleet.backend, fleet.devices = "vllm", [[1]]
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    env = fleet.engine_env(0)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(megatron_alp.__file__)))
+    assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "7" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert engine_command("vllm", "/m", 1)[0] == sys.executable

@@ -59,7 +59,7 @@ def test_assign_devices_disjoint_and_never_the_trainers():
 
 def test_engine_commands():
     cmd = engine_command("vllm", "/m", 8101, gpus_per_engine=2, seed=3)
-    assert cmd[:3] == ["vllm", "serve", "/m"]
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/m"]  # `vllm serve`
     for flag, value in [("--logprobs-mode", "processed_logprobs"), ("--dtype", "bfloat16"),
                         ("--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension"),
                         ("--tensor-parallel-size", "2"), ("--port", "8101"), ("--seed", "3")]:
