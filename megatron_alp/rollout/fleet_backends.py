@@ -175,10 +175,14 @@ class VLLMEndpoint:
         self.model = model
 
     def health(self, *, timeout: float) -> dict[str, Any]:
-        # vLLM has no instance id or weight version: the client tracks both (an engine
-        # seen down is treated as a new instance holding stale weights).
+        # vLLM has no weight version (the client tracks it) and no instance id: the
+        # workers' process identities stand for one (vllm_worker.weight_sync_info), so an
+        # engine restarted between two probes is seen as new — stale weights, outside
+        # the weight group — instead of serving checkpoint weights as the current ones.
         http_json(self.url + "/health", timeout=timeout)
-        return dict(instance=None, weight_version=None)
+        infos = self._rpc("weight_sync_info", [], timeout=timeout)
+        ids = sorted(str(r.get("instance")) for r in infos if isinstance(r, dict))
+        return dict(instance=",".join(ids) or None, weight_version=None)
 
     def generate(self, rows, sp, *, timeout):
         out = []
@@ -190,8 +194,14 @@ class VLLMEndpoint:
 
     def _rpc(self, method: str, args: list[Any], *, timeout: float) -> list[Any]:
         # Arguments are plain JSON values (the server hands them to msgpack unchanged).
-        ans = http_json(self.url + "/collective_rpc", dict(method=method, args=args, timeout=timeout),
-                        timeout=timeout + 30)
+        try:
+            ans = http_json(self.url + "/collective_rpc",
+                            dict(method=method, args=args, timeout=timeout), timeout=timeout + 30)
+        except EngineError as e:
+            if "HTTP 404" in str(e):  # the dev endpoints exist only in dev mode
+                raise EngineError(f"{e}; start vllm serve with VLLM_SERVER_DEV_MODE=1 (fleet_launch "
+                                  "does) for /collective_rpc and /reset_prefix_cache") from None
+            raise
         return (ans or {}).get("results", [])
 
     def members(self, *, timeout: float) -> int:

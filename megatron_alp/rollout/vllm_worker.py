@@ -22,6 +22,9 @@ given to vLLM) on any machine.
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from typing import Any
 
 import torch
@@ -35,6 +38,10 @@ from megatron_alp.rollout.vllm_support import (
 
 __all__ = ["WeightSyncExtension"]
 
+_PROCESS_INSTANCE = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+"""This worker process's identity: a restarted engine has new ones (the fleet client
+then knows its weights are the checkpoint's and that it left the weight group)."""
+
 
 class WeightSyncExtension:
     """Methods added to vLLM's worker; ``self`` is the worker (``self.device``,
@@ -45,11 +52,13 @@ class WeightSyncExtension:
     _weight_comm: Any = None
 
     def weight_sync_info(self) -> dict[str, Any]:
-        """This worker's rank inside its engine and its GPU (one entry per worker)."""
+        """This worker's rank inside its engine, its GPU and its process instance (one
+        entry per worker)."""
         from vllm.distributed.parallel_state import get_world_group
 
         return dict(rank=int(get_world_group().rank),
-                    gpu_uuid=str(torch.cuda.get_device_properties(self.device).uuid))
+                    gpu_uuid=str(torch.cuda.get_device_properties(self.device).uuid),
+                    instance=_PROCESS_INSTANCE)
 
     def init_weight_sync(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,

@@ -178,3 +178,43 @@ def test_engine_processes_import_this_megatron_alp(monkeypatch):
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert env["CUDA_VISIBLE_DEVICES"] == "7" and env["VLLM_SERVER_DEV_MODE"] == "1"
     assert engine_command("vllm", "/m", 1)[0] == sys.executable
+
+
+def test_a_restarted_vllm_engine_is_a_new_instance(monkeypatch):
+    """vLLM's /health carries no identity: an engine restarted between two probes kept
+    serving (checkpoint weights) as if it held the current version, and its next sync
+    broadcast into a group it had left."""
+    import megatron_alp.rollout.fleet_backends as fb
+    from megatron_alp.rollout.fleet import FleetEngine
+
+    workers = {"ids": ["h:1:a", "h:2:b"]}
+
+    def fake_http(url, body=None, *, timeout):
+        if url.endswith("/health"):
+            return None
+        assert body["method"] == "weight_sync_info"
+        return {"results": [dict(rank=k, gpu_uuid="g", instance=i) for k, i in enumerate(workers["ids"])]}
+
+    monkeypatch.setattr(fb, "http_json", fake_http)
+    ep = fb.VLLMEndpoint("http://e:1")
+    assert ep.health(timeout=1)["instance"] == "h:1:a,h:2:b"
+    engine = FleetEngine([ep], backend="vllm", startup_wait_s=0)
+    try:
+        st = engine.engines[0]
+        assert st.up and not st.stale
+        workers["ids"] = ["h:7:c", "h:8:d"]  # killed and started again
+        engine.refresh()
+        assert st.stale and not engine._serving(st)
+    finally:
+        engine.close()
+
+
+def test_missing_dev_mode_is_explained(monkeypatch):
+    import megatron_alp.rollout.fleet_backends as fb
+
+    def not_found(url, body=None, *, timeout):
+        raise fb.EngineError(f"{url}: HTTP 404: Not Found")
+
+    monkeypatch.setattr(fb, "http_json", not_found)
+    with pytest.raises(fb.EngineError, match="VLLM_SERVER_DEV_MODE=1"):
+        fb.VLLMEndpoint("http://e:1").members(timeout=1)
