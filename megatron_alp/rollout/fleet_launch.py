@@ -83,6 +83,15 @@ def engine_command(
         return [sys.executable, "-m", "megatron_alp.rollout.engine_server", "--model", model,
                 "--host", host, "--port", str(port), "--dtype", dtype, *extra]
     if backend == "vllm":
+        extra = list(extra)
+        for k, a in enumerate(extra):
+            flag, _, inline = a.partition("=")
+            if flag in ("--data-parallel-size", "-dp"):
+                value = inline or (extra[k + 1] if k + 1 < len(extra) else "")
+                if value != "1":
+                    raise ValueError(
+                        f"{flag} {value}: one fleet engine must be one data-parallel replica "
+                        "(its workers are the weight group's members); start more engines")
         # Flag names from vllm 0.10.2 engine/arg_utils.py (unchanged in 0.33).
         # --generation-config vllm: no server defaults from the model's
         # generation_config.json (penalties, top-k/p, a server-wide max_new_tokens cap).

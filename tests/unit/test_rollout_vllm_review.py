@@ -218,3 +218,12 @@ def test_missing_dev_mode_is_explained(monkeypatch):
     monkeypatch.setattr(fb, "http_json", not_found)
     with pytest.raises(fb.EngineError, match="VLLM_SERVER_DEV_MODE=1"):
         fb.VLLMEndpoint("http://e:1").members(timeout=1)
+
+
+def test_data_parallel_inside_a_fleet_engine_is_refused():
+    from megatron_alp.rollout.fleet_launch import engine_command
+
+    for extra in (["--data-parallel-size", "2"], ["-dp=4"]):
+        with pytest.raises(ValueError, match="one data-parallel replica"):
+            engine_command("vllm", "/m", 1, extra=extra)
+    assert "--pipeline-parallel-size" in engine_command("vllm", "/m", 1, extra=["--pipeline-parallel-size", "2"])
