@@ -52,7 +52,7 @@ from megatron_alp.rollout.fleet_backends import (
 )
 from megatron_alp.rollout.vllm_support import bucket_meta
 
-__all__ = ["FleetEngine", "FleetError", "trainer_gpus"]
+__all__ = ["FleetEngine", "FleetError", "check_sync_host", "trainer_gpus"]
 
 BACKENDS = ("twin", "vllm")
 
@@ -94,6 +94,36 @@ def trainer_gpus(environ: dict[str, str] | None = None, current: int | None = No
 
         current = torch.cuda.current_device() if torch.cuda.is_available() else 0
     return sorted(set(range(max(local, 1))) | {int(current)})
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return set()
+
+
+def check_sync_host(sync_host: str, endpoints: Sequence[str]) -> None:
+    """Refuse a loopback ``sync_host`` when an engine runs on another machine.
+
+    The weight group's rendezvous listens on ``sync_host`` (vLLM's
+    ``StatelessProcessGroup.create`` binds it); an engine elsewhere would try its *own*
+    127.0.0.1 and fail only after the rendezvous timeout (``--rl-fleet-sync-host``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not all(ipaddress.ip_address(a).is_loopback for a in _addresses(sync_host) or {"0.0.0.0"}):
+        return
+    local = _addresses(socket.gethostname()) | {"127.0.0.1", "::1"}
+    for url in endpoints:
+        host = urlsplit(url).hostname or ""
+        addrs = _addresses(host)
+        if addrs and not any(ipaddress.ip_address(a).is_loopback or a in local for a in addrs):
+            raise ValueError(
+                f"fleet engine {url} runs on another machine but sync_host={sync_host!r} is a "
+                "loopback address it cannot reach: give this trainer's address as the engines "
+                "see it (--rl-fleet-sync-host)"
+            )
 
 
 def _free_port(host: str) -> int:
@@ -168,6 +198,7 @@ class FleetEngine:
             served_model_name = served_model_name or path
         if not endpoints:
             raise ValueError("fleet engine: endpoints is empty")
+        check_sync_host(sync_host, [u for u in endpoints if isinstance(u, str)])
         eps = [u if not isinstance(u, str) else
                TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
                for u in endpoints]  # objects: ready Endpoint implementations

@@ -227,3 +227,17 @@ def test_data_parallel_inside_a_fleet_engine_is_refused():
         with pytest.raises(ValueError, match="one data-parallel replica"):
             engine_command("vllm", "/m", 1, extra=extra)
     assert "--pipeline-parallel-size" in engine_command("vllm", "/m", 1, extra=["--pipeline-parallel-size", "2"])
+
+
+def test_loopback_sync_host_with_remote_engines_is_refused():
+    """The trainer's default --rl-fleet-sync-host is 127.0.0.1; engines on fleet nodes
+    would wait for a rendezvous on their own loopback until the timeout."""
+    from megatron_alp.rollout.fleet import check_sync_host
+
+    with pytest.raises(ValueError, match="10.255.255.1.*--rl-fleet-sync-host"):
+        check_sync_host("127.0.0.1", ["http://127.0.0.1:8100", "http://10.255.255.1:8100"])
+    check_sync_host("127.0.0.1", ["http://127.0.0.1:8100", "http://localhost:8101"])
+    check_sync_host("10.0.0.5", ["http://10.255.255.1:8100"])
+    with pytest.raises(ValueError, match="loopback"):
+        create_engine("fleet", endpoints=["http://10.255.255.1:8100"], backend="vllm",
+                      startup_wait_s=0)
