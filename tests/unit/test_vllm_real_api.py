@@ -3,11 +3,15 @@ SamplingParams, the /v1/completions request model, and the msgpack encoder of RP
 
 Skipped where vLLM cannot be imported (CI: vLLM is CUDA-only and not a test dependency).
 On a GPU machine with the `vllm` extra it runs as is. On a CPU machine it can be run
-against an unpacked wheel (how this file was checked against 0.33.0):
+against an unpacked wheel — how it was checked against both ends of the supported range,
+0.10.2 and 0.33.0 (all pass):
 
+    unzip vllm-0.33.0-*.whl -d /tmp/vllm/v033
+    pip install --target /tmp/vrev-deps --no-deps cbor2 pyzmq fastapi ...   # what imports ask for
     PYTHONPATH=.:/tmp/vllm/v033:/tmp/vrev-deps python -m pytest tests/unit/test_vllm_real_api.py
 
-(``/tmp/vrev-deps``: the wheel's pure-python dependencies, ``pip install --target``.)
+(0.10.2 finds its CPU platform only through its installed version: add a
+``vllm-0.10.2+cpu.dist-info/METADATA`` with ``Version: 0.10.2+cpu`` to the deps folder.)
 """
 
 from __future__ import annotations
@@ -108,3 +112,24 @@ def test_rpc_arguments_pass_vllms_msgpack_encoder():
     for args in (([items],), ([["a"], ["bfloat16"], [[2, 3]], 300.0],), ("127.0.0.1", 29600, 1, 3, 300)):
         bufs = enc.encode(("m", None, args, None))
         assert dec.decode(bufs)[2] == list(args) or tuple(dec.decode(bufs)[2]) == args
+
+
+def test_worker_extension_mixes_into_vllms_worker():
+    """vLLM adds worker_extension_cls to its Worker's bases and asserts that no attribute
+    clashes (v1/worker/worker_base.py init_worker); the model is reached through the
+    runners' get_model() (V1 runner in both versions, V2 runner, 0.33's default)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from megatron_alp.rollout.vllm_worker import WeightSyncExtension
+
+    assert [a for a in dir(WeightSyncExtension) if not a.startswith("__") and hasattr(Worker, a)] == []
+    runners = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
+        runners.append(V2Runner)
+    except ImportError:  # 0.10.2: no V2 runner
+        pass
+    for runner in runners:
+        assert callable(getattr(runner, "get_model", None)), runner
