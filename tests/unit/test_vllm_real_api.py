@@ -133,3 +133,48 @@ def test_worker_extension_mixes_into_vllms_worker():
         pass
     for runner in runners:
         assert callable(getattr(runner, "get_model", None)), runner
+
+
+def test_outputs_parse_from_vllms_own_types():
+    """RequestOutput / CompletionOutput / Logprob (LLM.generate) and the completions
+    response model (vllm serve) as vLLM builds them; 0.33's FlatLogprobs too."""
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput
+
+    try:
+        from vllm.entrypoints.openai.completion.protocol import (
+            CompletionLogProbs,
+            CompletionResponse,
+            CompletionResponseChoice,
+        )
+    except ImportError:  # 0.10.2
+        from vllm.entrypoints.openai.protocol import (
+            CompletionLogProbs,
+            CompletionResponse,
+            CompletionResponseChoice,
+        )
+
+    from megatron_alp.rollout import Completion
+    from megatron_alp.rollout.vllm_support import completions_from_outputs
+    from megatron_alp.rollout.wire import completion_from_openai
+
+    per_token = [{5: Logprob(-0.5, rank=1), 9: Logprob(-0.1, rank=0)}, {7: Logprob(-1.5, rank=3)}]
+    containers = [per_token]
+    try:
+        from vllm.logprobs import FlatLogprobs
+
+        flat = FlatLogprobs()
+        for entry in per_token:
+            flat.append(entry)
+        containers.append(flat)
+    except ImportError:  # 0.10.2
+        pass
+    want = Completion(2, 1, [5, 7], [-0.5, -1.5], "length")
+    for lps in containers:
+        out = CompletionOutput(index=0, text="", token_ids=[5, 7], cumulative_logprob=None,
+                               logprobs=lps, finish_reason="length")
+        assert completions_from_outputs([type("R", (), {"outputs": [out]})()], [(2, 1)]) == [want]
+    choice = CompletionResponseChoice(index=0, text="t5 t7", token_ids=[5, 7], finish_reason="length",
+                                      logprobs=CompletionLogProbs(token_logprobs=[-0.5, -1.5], tokens=["a", "b"]))
+    resp = CompletionResponse(model="m", choices=[choice], usage=dict(prompt_tokens=1, completion_tokens=2, total_tokens=3))
+    assert completion_from_openai(resp.model_dump(), 2, 1) == want
