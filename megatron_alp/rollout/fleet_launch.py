@@ -93,8 +93,10 @@ def engine_command(
                         f"{flag} {value}: one fleet engine must be one data-parallel replica "
                         "(its workers are the weight group's members); start more engines")
         # Flag names from vllm 0.10.2 engine/arg_utils.py (unchanged in 0.33).
-        # --generation-config vllm: no server defaults from the model's
-        # generation_config.json (penalties, top-k/p, a server-wide max_new_tokens cap).
+        # --generation-config vllm: no sampling defaults from the model's
+        # generation_config.json (penalties, top-k/p, a server-wide max_new_tokens cap);
+        # its eos_token_id list still stops generation (ModelConfig.
+        # try_get_generation_config reads the file for "auto" and "vllm" alike).
         # `python -m vllm.entrypoints.cli.main` is the `vllm` console script (both
         # wheels' entry_points.txt) run by this interpreter: the same environment as the
         # trainer (its vLLM, for the NCCL group), whether or not its bin/ is on PATH.
