@@ -98,7 +98,7 @@ class WeightSyncExtension:
                                "previous broadcast timed out and the group was aborted)")
         weights = []
         nbytes = 0
-        stream = torch.cuda.current_stream()
+        stream = torch.cuda.current_stream(self.device)  # this worker's GPU, whichever thread
         for name, dt, shape in zip(names, dtypes, shapes, strict=True):
             t = torch.empty(shape, dtype=getattr(torch, dt), device=self.device)
             comm.broadcast(t, src=0, stream=stream)
