@@ -398,7 +398,8 @@ class FleetEngine:
             self._collective(live, lambda st: st.endpoint.commit(
                 target, epoch=self.epoch, timeout=self.sync_timeout_s), what="commit")
         except BaseException:
-            self._sender, self._members = None, ()  # a failed sync re-forms the group
+            self._drop_sender()  # a failed sync re-forms the group
+            self._members = ()
             # The stream is usually a collective export: the trainer's other ranks are
             # iterating it in lockstep, so exhaust it before raising (nothing hangs).
             for _ in it:
@@ -435,12 +436,18 @@ class FleetEngine:
         sizes = self._collective(live, lambda st: st.endpoint.members(timeout=self.sync_timeout_s),
                                  what="member count")
         world = 1 + sum(sizes)
+        self._drop_sender()  # the previous epoch's communicator (its GPU buffers) goes
         sender = self._sender_cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
         offsets = [1 + sum(sizes[:k]) for k in range(len(live))]
         ranks = {id(st): off for st, off in zip(live, offsets)}
-        self._collective(live, lambda st: st.endpoint.join(
-            host=self.sync_host, port=port, rank=ranks[id(st)], world_size=world, epoch=self.epoch,
-            timeout_s=self.sync_timeout_s), alongside=sender.connect, what=f"join epoch {self.epoch}")
+        try:
+            self._collective(live, lambda st: st.endpoint.join(
+                host=self.sync_host, port=port, rank=ranks[id(st)], world_size=world,
+                epoch=self.epoch, timeout_s=self.sync_timeout_s),
+                alongside=sender.connect, what=f"join epoch {self.epoch}")
+        except BaseException:
+            sender.close()
+            raise
         self._sender = sender
         self._members = tuple((st.endpoint.url, st.instance) for st in live)
 
@@ -472,11 +479,14 @@ class FleetEngine:
         return results
 
     # -- lifecycle -----------------------------------------------------------------------
+    def _drop_sender(self) -> None:
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.close()
+
     def close(self) -> None:
         """Stop the client's threads and, if it started them, the engine processes."""
-        if self._sender is not None:
-            self._sender.close()
-            self._sender = None
+        self._drop_sender()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.fleet is not None:
             self.fleet.close()

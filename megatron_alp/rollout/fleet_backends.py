@@ -32,6 +32,7 @@ import torch
 from megatron_alp.rollout.base import Completion, SamplingParams, WeightBucket
 from megatron_alp.rollout.vllm_support import (
     BucketMeta,
+    abort_communicator,
     require_pynccl,
     require_reset,
     wait_for_stream,
@@ -292,4 +293,8 @@ class NcclSender:
         self.comm = comm
 
     def close(self) -> None:
-        self.comm = None
+        """Abort the communicator: a dropped PyNcclCommunicator is never destroyed by
+        vLLM 0.10.2, and each epoch's would keep its NCCL buffers on the GPU."""
+        comm, self.comm = self.comm, None
+        if comm is not None:
+            abort_communicator(comm)

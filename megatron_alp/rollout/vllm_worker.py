@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from megatron_alp.rollout.vllm_support import (
+    abort_communicator,
     local_device_of_uuid,
     rebuild_ipc_args,
     require_pynccl,
@@ -74,6 +75,9 @@ class WeightSyncExtension:
         from vllm.distributed.parallel_state import get_world_group
         from vllm.distributed.utils import StatelessProcessGroup
 
+        if self._weight_comm is not None:  # a previous epoch's group: free its buffers
+            old, self._weight_comm = self._weight_comm, None
+            abort_communicator(old)
         rank = get_world_group().rank + int(rank_offset)
         pg = StatelessProcessGroup.create(
             host=master_address, port=int(master_port), rank=rank,

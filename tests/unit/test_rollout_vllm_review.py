@@ -241,3 +241,66 @@ def test_loopback_sync_host_with_remote_engines_is_refused():
     with pytest.raises(ValueError, match="loopback"):
         create_engine("fleet", endpoints=["http://10.255.255.1:8100"], backend="vllm",
                       startup_wait_s=0)
+
+
+def test_an_old_epochs_communicator_is_released():
+    """Each epoch built a new PyNcclCommunicator and dropped the old one without
+    destroying it (vLLM 0.10.2 has no destructor): its NCCL buffers stayed on the GPU."""
+    import torch
+
+    from megatron_alp.rollout.fleet import FleetEngine
+    from megatron_alp.rollout.fleet_backends import NcclSender
+
+    closed = []
+
+    class Sender:
+        def __init__(self, host, port, world_size, *, timeout_s):
+            self.n = len(closed)
+
+        def connect(self):
+            pass
+
+        def send(self, bucket):
+            pass
+
+        def close(self):
+            closed.append(self)
+
+    class Member:
+        url = "fake://m"
+
+        def __init__(self):
+            self.instance = "i0"
+
+        def health(self, *, timeout):
+            return dict(instance=self.instance, weight_version=None)
+
+        def members(self, *, timeout):
+            return 1
+
+        def join(self, **kw):
+            pass
+
+        def receive_bucket(self, meta, *, epoch, timeout):
+            pass
+
+        def commit(self, version, *, epoch, timeout):
+            pass
+
+    m = Member()
+    fleet = FleetEngine([m], startup_wait_s=0)
+    fleet._sender_cls = Sender
+    fleet.update_weights([[("w", torch.zeros(2))]])
+    first = fleet._sender
+    m.instance = "i1"  # restarted: a new epoch
+    fleet.update_weights([[("w", torch.zeros(2))]])
+    assert closed == [first] and fleet._sender is not first
+    fleet.close()
+    assert len(closed) == 2
+
+    comm = SimpleNamespace(nccl=SimpleNamespace(ncclCommAbort=lambda h: aborted.append(h)), comm="h1")
+    aborted = []
+    sender = NcclSender.__new__(NcclSender)
+    sender.comm = comm
+    sender.close()
+    assert aborted == ["h1"] and sender.comm is None
