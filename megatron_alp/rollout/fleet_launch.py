@@ -223,6 +223,10 @@ class LocalFleet:
             self.procs[k] = None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry (module docstring); usage errors exit 2."""
     p = argparse.ArgumentParser(prog="python -m megatron_alp.rollout.fleet_launch",
@@ -250,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a folder (an HF model folder is expected)")
+    # SIGTERM (run.sh's trap, `kill`, srun forwarding) must stop the engines too: they run
+    # in their own sessions, and the default action would end this process without its
+    # `finally`, leaving every engine holding its GPUs.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         fleet = LocalFleet(args.engines, model=args.model, backend=args.backend, dtype=args.dtype,
                            host=args.host, base_port=args.base_port,

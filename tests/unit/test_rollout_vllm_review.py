@@ -304,3 +304,27 @@ def test_an_old_epochs_communicator_is_released():
     sender.comm = comm
     sender.close()
     assert aborted == ["h1"] and sender.comm is None
+
+
+def test_sigterm_to_the_launcher_stops_its_engines(tmp_path):
+    """run.sh's trap sends SIGTERM to fleet_launch; its default action ended the launcher
+    without `finally`, and the engines (own sessions) kept their GPUs for good. Run in a
+    child process: without the fix SIGTERM ends it (and would end pytest)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal, types
+import megatron_alp.rollout.fleet_launch as fl
+class Fleet:
+    def __init__(self, n, **kw):
+        self.procs = [types.SimpleNamespace(poll=lambda: None)]
+        self.endpoints = ["http://127.0.0.1:1"]
+    def close(self):
+        print("engines stopped", flush=True)
+fl.LocalFleet = Fleet
+fl.time.sleep = lambda s: os.kill(os.getpid(), signal.SIGTERM)
+print("rc", fl.main(["--model", {str(tmp_path)!r}, "--backend", "twin"]), flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "engines stopped" in r.stdout and "rc 0" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
