@@ -46,9 +46,9 @@ from megatron_alp.rollout.wire import (
 )
 
 __all__ = [
+    "Endpoint",
     "EngineDown",
     "EngineError",
-    "Endpoint",
     "GlooSender",
     "NcclSender",
     "TwinEndpoint",

@@ -32,10 +32,10 @@ __all__ = [
     "rebuild_ipc_args",
     "require_pynccl",
     "require_reset",
-    "workers_per_engine",
     "sampling_kwargs",
     "wait_for_stream",
     "wait_or_abort",
+    "workers_per_engine",
 ]
 
 SUPPORTED_VLLM = ("0.10.2", "0.34")

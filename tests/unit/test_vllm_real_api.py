@@ -98,8 +98,8 @@ def test_completion_request_ignores_server_defaults():
 def test_rpc_arguments_pass_vllms_msgpack_encoder():
     """The exact encoder vLLM uses between its front end and engine core, with insecure
     (pickle) serialisation off: IPC payloads and bucket metadata are plain data."""
-    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from megatron_alp.rollout.vllm_support import ipc_payload
 
