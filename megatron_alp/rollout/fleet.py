@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -51,7 +52,7 @@ from megatron_alp.rollout.fleet_backends import (
 )
 from megatron_alp.rollout.vllm_support import bucket_meta
 
-__all__ = ["FleetEngine", "FleetError"]
+__all__ = ["FleetEngine", "FleetError", "check_sync_host", "trainer_gpus"]
 
 BACKENDS = ("twin", "vllm")
 
@@ -73,6 +74,58 @@ class _EngineState:
     stale: bool = False  # seen down: until the next sync its weights are not trusted
 
 
+def trainer_gpus(environ: dict[str, str] | None = None, current: int | None = None) -> list[int]:
+    """GPU indices (this process's view) that a locally started vLLM fleet must not use.
+
+    The trainer's ranks on this node use ``cuda:<LOCAL_RANK>`` (``platform.device``), so
+    indices ``0 .. LOCAL_WORLD_SIZE - 1`` are theirs, plus this process's current GPU (the
+    weight sender): an engine there would fail vLLM's free-memory check and NCCL's
+    "Duplicate GPU detected" (issue 10, defect 1).
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    try:
+        local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"LOCAL_WORLD_SIZE={env.get('LOCAL_WORLD_SIZE')!r} is not an integer") from None
+    if current is None:
+        import torch
+
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return sorted(set(range(max(local, 1))) | {int(current)})
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return set()
+
+
+def check_sync_host(sync_host: str, endpoints: Sequence[str]) -> None:
+    """Refuse a loopback ``sync_host`` when an engine runs on another machine.
+
+    The weight group's rendezvous listens on ``sync_host`` (vLLM's
+    ``StatelessProcessGroup.create`` binds it); an engine elsewhere would try its *own*
+    127.0.0.1 and fail only after the rendezvous timeout (``--rl-fleet-sync-host``)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if not all(ipaddress.ip_address(a).is_loopback for a in _addresses(sync_host) or {"0.0.0.0"}):
+        return
+    local = _addresses(socket.gethostname()) | {"127.0.0.1", "::1"}
+    for url in endpoints:
+        host = urlsplit(url).hostname or ""
+        addrs = _addresses(host)
+        if addrs and not any(ipaddress.ip_address(a).is_loopback or a in local for a in addrs):
+            raise ValueError(
+                f"fleet engine {url} runs on another machine but sync_host={sync_host!r} is a "
+                "loopback address it cannot reach: give this trainer's address as the engines "
+                "see it (--rl-fleet-sync-host)"
+            )
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -92,7 +145,11 @@ class FleetEngine:
     times (on other engines first). ``max_in_flight`` requests per engine (default 8 for
     the twin, 64 for vLLM; each in-flight request holds one client thread).
     ``allow_truncation`` lets top-p / top-k
-    through (see ``check_ratio_sampling``).
+    through (see ``check_ratio_sampling``). ``served_model_name`` (vLLM) is sent as the
+    request's ``model``; None lets each server answer with the model it serves. A local
+    vLLM fleet never takes the trainer's GPUs (:func:`trainer_gpus`) unless
+    ``launch_kwargs["reserve_gpus"]`` says otherwise. Engines that do not answer yet are
+    waited for up to ``startup_wait_s`` (a ``vllm serve`` takes minutes to come up).
     """
 
     def __init__(
@@ -114,6 +171,7 @@ class FleetEngine:
         max_attempts: int = 4,
         allow_truncation: bool = False,
         launch_kwargs: dict[str, Any] | None = None,
+        startup_wait_s: float = 900.0,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"fleet backend {backend!r} is not one of {BACKENDS}")
@@ -132,14 +190,15 @@ class FleetEngine:
             from megatron_alp.rollout.fleet_launch import LocalFleet
 
             path = self._model_folder(model)
-            self.fleet = LocalFleet(num_engines, model=path, backend=backend, dtype=dtype,
-                                    **(launch_kwargs or {}))
+            launch = dict(launch_kwargs or {})
+            if backend == "vllm" and "reserve_gpus" not in launch:
+                launch["reserve_gpus"] = trainer_gpus()
+            self.fleet = LocalFleet(num_engines, model=path, backend=backend, dtype=dtype, **launch)
             endpoints = self.fleet.endpoints
             served_model_name = served_model_name or path
         if not endpoints:
             raise ValueError("fleet engine: endpoints is empty")
-        if backend == "vllm" and not served_model_name and any(isinstance(u, str) for u in endpoints):
-            raise ValueError("fleet engine (vllm): served_model_name (the model vllm serve serves) is required")
+        check_sync_host(sync_host, [u for u in endpoints if isinstance(u, str)])
         eps = [u if not isinstance(u, str) else
                TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
                for u in endpoints]  # objects: ready Endpoint implementations
@@ -160,6 +219,7 @@ class FleetEngine:
         self._pool = cf.ThreadPoolExecutor(max_workers=max_in_flight * len(self.engines),
                                            thread_name_prefix="fleet")
         self.refresh()
+        self._await_engines(startup_wait_s)
 
     def _model_folder(self, model: Any) -> str:
         if isinstance(model, str):
@@ -188,6 +248,25 @@ class FleetEngine:
             st.up = True
 
         list(self._pool.map(probe, self.engines))
+
+    def _await_engines(self, wait_s: float) -> None:
+        """Give engines that are still starting up to ``wait_s`` to answer.
+
+        ``examples/`` start ``fleet_launch`` and the trainer side by side; ``vllm serve``
+        answers ``/health`` only after loading the model and capturing CUDA graphs
+        (minutes), and the trainer's first ``update_weights`` used to find no engine up
+        and fail. Engines still down after ``wait_s`` are left to the usual handling
+        (down; they join a later sync when they come up)."""
+        deadline = time.monotonic() + wait_s
+        said = False
+        while not all(st.up for st in self.engines) and time.monotonic() < deadline:
+            if not said:
+                down = [st.endpoint.url for st in self.engines if not st.up]
+                print(f"[fleet] waiting up to {wait_s:.0f} s for {len(down)} engine(s) to "
+                      f"start: {', '.join(down)}", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            self.refresh()
 
     def _mark_down(self, st: _EngineState, why: str) -> None:
         with self._lock:
@@ -319,7 +398,8 @@ class FleetEngine:
             self._collective(live, lambda st: st.endpoint.commit(
                 target, epoch=self.epoch, timeout=self.sync_timeout_s), what="commit")
         except BaseException:
-            self._sender, self._members = None, ()  # a failed sync re-forms the group
+            self._drop_sender()  # a failed sync re-forms the group
+            self._members = ()
             # The stream is usually a collective export: the trainer's other ranks are
             # iterating it in lockstep, so exhaust it before raising (nothing hangs).
             for _ in it:
@@ -356,12 +436,18 @@ class FleetEngine:
         sizes = self._collective(live, lambda st: st.endpoint.members(timeout=self.sync_timeout_s),
                                  what="member count")
         world = 1 + sum(sizes)
+        self._drop_sender()  # the previous epoch's communicator (its GPU buffers) goes
         sender = self._sender_cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
         offsets = [1 + sum(sizes[:k]) for k in range(len(live))]
         ranks = {id(st): off for st, off in zip(live, offsets)}
-        self._collective(live, lambda st: st.endpoint.join(
-            host=self.sync_host, port=port, rank=ranks[id(st)], world_size=world, epoch=self.epoch,
-            timeout_s=self.sync_timeout_s), alongside=sender.connect, what=f"join epoch {self.epoch}")
+        try:
+            self._collective(live, lambda st: st.endpoint.join(
+                host=self.sync_host, port=port, rank=ranks[id(st)], world_size=world,
+                epoch=self.epoch, timeout_s=self.sync_timeout_s),
+                alongside=sender.connect, what=f"join epoch {self.epoch}")
+        except BaseException:
+            sender.close()
+            raise
         self._sender = sender
         self._members = tuple((st.endpoint.url, st.instance) for st in live)
 
@@ -393,11 +479,14 @@ class FleetEngine:
         return results
 
     # -- lifecycle -----------------------------------------------------------------------
+    def _drop_sender(self) -> None:
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.close()
+
     def close(self) -> None:
         """Stop the client's threads and, if it started them, the engine processes."""
-        if self._sender is not None:
-            self._sender.close()
-            self._sender = None
+        self._drop_sender()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.fleet is not None:
             self.fleet.close()

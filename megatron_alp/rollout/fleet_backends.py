@@ -22,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Protocol, Sequence
@@ -29,7 +30,13 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from megatron_alp.rollout.base import Completion, SamplingParams, WeightBucket
-from megatron_alp.rollout.vllm_support import BucketMeta, require_pynccl, require_reset
+from megatron_alp.rollout.vllm_support import (
+    BucketMeta,
+    abort_communicator,
+    require_pynccl,
+    require_reset,
+    wait_for_stream,
+)
 from megatron_alp.rollout.weight_group import GlooGroup, broadcast_bucket
 from megatron_alp.rollout.wire import (
     completion_from_dict,
@@ -39,9 +46,9 @@ from megatron_alp.rollout.wire import (
 )
 
 __all__ = [
+    "Endpoint",
     "EngineDown",
     "EngineError",
-    "Endpoint",
     "GlooSender",
     "NcclSender",
     "TwinEndpoint",
@@ -122,7 +129,13 @@ class TwinEndpoint:
         self.url = url.rstrip("/")
 
     def health(self, *, timeout: float) -> dict[str, Any]:
-        return http_json(self.url + "/health", timeout=timeout)
+        ans = http_json(self.url + "/health", timeout=timeout)
+        if not isinstance(ans, dict) or "instance" not in ans:
+            # vllm serve answers /health with an empty 200: the wrong backend was chosen.
+            raise EngineError(f"{self.url}/health answered {ans!r}, not a CPU twin engine's "
+                              "status (a vllm serve engine? use backend='vllm', "
+                              "--rl-fleet-backend vllm)")
+        return ans
 
     def generate(self, rows, sp, *, timeout):
         body = dict(rows=[[i, j, list(p)] for i, j, p in rows], sampling=sampling_to_dict(sp))
@@ -148,19 +161,29 @@ class TwinEndpoint:
 
 
 class VLLMEndpoint:
-    """A ``vllm serve`` engine at ``url`` serving ``model`` (the served model name)."""
+    """A ``vllm serve`` engine at ``url`` serving ``model`` (the served model name).
+
+    ``model`` None leaves the request's ``model`` out, which vLLM answers with the model
+    it serves (vllm 0.10.2 ``serving_engine.py`` / 0.33 ``serve/engine/serving.py``
+    ``_is_model_supported``: an empty name is accepted): the trainer knows the policy's
+    HF folder, but not necessarily the exact string each ``vllm serve`` was started with.
+    """
 
     kind = "vllm"
 
-    def __init__(self, url: str, model: str) -> None:
+    def __init__(self, url: str, model: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.model = model
 
     def health(self, *, timeout: float) -> dict[str, Any]:
-        # vLLM has no instance id or weight version: the client tracks both (an engine
-        # seen down is treated as a new instance holding stale weights).
+        # vLLM has no weight version (the client tracks it) and no instance id: the
+        # workers' process identities stand for one (vllm_worker.weight_sync_info), so an
+        # engine restarted between two probes is seen as new — stale weights, outside
+        # the weight group — instead of serving checkpoint weights as the current ones.
         http_json(self.url + "/health", timeout=timeout)
-        return dict(instance=None, weight_version=None)
+        infos = self._rpc("weight_sync_info", [], timeout=timeout)
+        ids = sorted(str(r.get("instance")) for r in infos if isinstance(r, dict))
+        return dict(instance=",".join(ids) or None, weight_version=None)
 
     def generate(self, rows, sp, *, timeout):
         out = []
@@ -172,8 +195,14 @@ class VLLMEndpoint:
 
     def _rpc(self, method: str, args: list[Any], *, timeout: float) -> list[Any]:
         # Arguments are plain JSON values (the server hands them to msgpack unchanged).
-        ans = http_json(self.url + "/collective_rpc", dict(method=method, args=args, timeout=timeout),
-                        timeout=timeout + 30)
+        try:
+            ans = http_json(self.url + "/collective_rpc",
+                            dict(method=method, args=args, timeout=timeout), timeout=timeout + 30)
+        except EngineError as e:
+            if "HTTP 404" in str(e):  # the dev endpoints exist only in dev mode
+                raise EngineError(f"{e}; start vllm serve with VLLM_SERVER_DEV_MODE=1 (fleet_launch "
+                                  "does) for /collective_rpc and /reset_prefix_cache") from None
+            raise
         return (ans or {}).get("results", [])
 
     def members(self, *, timeout: float) -> int:
@@ -184,12 +213,26 @@ class VLLMEndpoint:
 
     def receive_bucket(self, meta, *, epoch, timeout):
         m = _meta_body(meta)
-        self._rpc("receive_bucket", [m["names"], m["dtypes"], m["shapes"]], timeout=timeout)
+        self._rpc("receive_bucket", [m["names"], m["dtypes"], m["shapes"], float(timeout)],
+                  timeout=timeout)
 
-    def commit(self, version, *, epoch, timeout):
+    def commit(self, version, *, epoch, timeout, retry_s: float = 20.0):
         # 0.33 answers {"success": bool}; 0.10.2 an empty 200 (its reset is unchecked).
-        ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)
-        require_reset(ans.get("success") if isinstance(ans, dict) else None, self.url)
+        # False means blocks are still held (a request the client gave up on is still
+        # running, an async KV transfer is in flight): vllm 0.33 serve/dev/cache/
+        # api_router.py says "callers may retry". Still False after retry_s: the engine
+        # is reported down (EngineDown), so it is marked stale and serves nothing until a
+        # later sync succeeds, instead of the whole update failing with RuntimeError.
+        deadline = time.monotonic() + retry_s
+        while True:
+            ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)
+            try:
+                require_reset(ans.get("success") if isinstance(ans, dict) else None, self.url)
+                return
+            except RuntimeError as e:
+                if time.monotonic() >= deadline:
+                    raise EngineDown(str(e)) from None
+            time.sleep(0.5)
 
 
 class GlooSender:
@@ -213,13 +256,23 @@ class NcclSender:
     (the engines run on other GPUs: their own processes, their own devices)."""
 
     def __init__(self, host: str, port: int, world_size: int, *, timeout_s: float) -> None:
+        # Imported here, before any engine is asked to join: a trainer environment
+        # without vLLM fails at once, not after the engines' rendezvous timeout.
+        try:
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+        except ImportError as e:
+            raise ImportError(
+                f"the vLLM fleet's weight sender runs in the trainer and needs vLLM there ({e}): "
+                "pip install 'megatron-alp[vllm]' in the trainer's environment, the same vLLM "
+                "version as the engines'"
+            ) from None
+        self._classes = (PyNcclCommunicator, StatelessProcessGroup)
         self.args = (host, port, world_size, timeout_s)
         self.comm: Any = None
 
     def connect(self) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
+        PyNcclCommunicator, StatelessProcessGroup = self._classes
         host, port, world, timeout_s = self.args
         pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world,
                                           store_timeout=int(timeout_s))
@@ -227,11 +280,21 @@ class NcclSender:
         require_pynccl(self.comm, "fleet weight sender")
 
     def send(self, bucket: WeightBucket) -> None:
+        if self.comm is None:
+            raise RuntimeError("fleet weight sender: not connected (or a previous broadcast "
+                               "timed out and the group was aborted)")
         stream = torch.cuda.current_stream()
         dev = torch.device("cuda", torch.cuda.current_device())
         for _, t in bucket:
             self.comm.broadcast(t.detach().to(dev).contiguous(), src=0, stream=stream)
-        stream.synchronize()
+        # Bounded: a member that died mid-bucket would make synchronize() hang forever.
+        comm, self.comm = self.comm, None
+        wait_for_stream(stream, self.args[3], comm, "fleet weight sender")
+        self.comm = comm
 
     def close(self) -> None:
-        self.comm = None
+        """Abort the communicator: a dropped PyNcclCommunicator is never destroyed by
+        vLLM 0.10.2, and each epoch's would keep its NCCL buffers on the GPU."""
+        comm, self.comm = self.comm, None
+        if comm is not None:
+            abort_communicator(comm)

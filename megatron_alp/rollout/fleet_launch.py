@@ -24,7 +24,10 @@ from typing import Sequence
 
 from megatron_alp.rollout.fleet_backends import EngineDown, EngineError, http_json
 
-__all__ = ["LocalFleet", "assign_devices", "engine_command", "main"]
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The folder holding this ``megatron_alp`` package (put first on the engines' path)."""
+
+__all__ = ["LocalFleet", "assign_devices", "engine_command", "main", "visible_devices"]
 
 
 def assign_devices(
@@ -50,6 +53,27 @@ def assign_devices(
     return [free[k * gpus_per_engine : (k + 1) * gpus_per_engine] for k in range(num_engines)]
 
 
+def visible_devices(devices: Sequence[int], parent_visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of an engine given GPU indices *as this process sees them*.
+
+    A child's ``CUDA_VISIBLE_DEVICES`` names GPUs in the namespace of the variable this
+    process itself got (physical indices or UUIDs), not this process's 0-based indices:
+    under ``CUDA_VISIBLE_DEVICES=4,5,6,7`` (a Slurm allocation, a restricted trainer),
+    index 0 is physical GPU 4, and handing the child "0" would put it on another job's
+    GPU or the trainer's. Raises ``ValueError`` for an index this process cannot see.
+    """
+    if parent_visible is None or parent_visible.strip() == "":
+        return ",".join(str(int(d)) for d in devices)
+    visible = [v.strip() for v in parent_visible.split(",") if v.strip()]
+    bad = [d for d in devices if not 0 <= int(d) < len(visible)]
+    if bad:
+        raise ValueError(
+            f"GPU indices {bad} are not visible to this process (CUDA_VISIBLE_DEVICES="
+            f"{parent_visible!r} shows {len(visible)} GPUs, indices 0..{len(visible) - 1})"
+        )
+    return ",".join(visible[int(d)] for d in devices)
+
+
 def engine_command(
     backend: str, model: str, port: int, *, host: str = "127.0.0.1", dtype: str = "bfloat16",
     gpus_per_engine: int = 1, seed: int = 0, extra: Sequence[str] = (),
@@ -59,9 +83,27 @@ def engine_command(
         return [sys.executable, "-m", "megatron_alp.rollout.engine_server", "--model", model,
                 "--host", host, "--port", str(port), "--dtype", dtype, *extra]
     if backend == "vllm":
+        extra = list(extra)
+        for k, a in enumerate(extra):
+            flag, _, inline = a.partition("=")
+            if flag in ("--data-parallel-size", "-dp"):
+                value = inline or (extra[k + 1] if k + 1 < len(extra) else "")
+                if value != "1":
+                    raise ValueError(
+                        f"{flag} {value}: one fleet engine must be one data-parallel replica "
+                        "(its workers are the weight group's members); start more engines")
         # Flag names from vllm 0.10.2 engine/arg_utils.py (unchanged in 0.33).
-        return ["vllm", "serve", model, "--host", host, "--port", str(port),
+        # --generation-config vllm: no sampling defaults from the model's
+        # generation_config.json (penalties, top-k/p, a server-wide max_new_tokens cap);
+        # its eos_token_id list still stops generation (ModelConfig.
+        # try_get_generation_config reads the file for "auto" and "vllm" alike).
+        # `python -m vllm.entrypoints.cli.main` is the `vllm` console script (both
+        # wheels' entry_points.txt) run by this interpreter: the same environment as the
+        # trainer (its vLLM, for the NCCL group), whether or not its bin/ is on PATH.
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+                "--host", host, "--port", str(port),
                 "--dtype", "bfloat16", "--logprobs-mode", "processed_logprobs",
+                "--generation-config", "vllm",
                 "--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension",
                 "--enable-prefix-caching", "--tensor-parallel-size", str(gpus_per_engine),
                 "--seed", str(seed), *extra]
@@ -91,6 +133,8 @@ class LocalFleet:
 
                 gpus = list(range(torch.cuda.device_count()))
             self.devices = list(assign_devices(num_engines, gpus_per_engine, gpus, reserve_gpus))
+            for devs in self.devices:  # an unmappable index fails here, not in a child
+                visible_devices(devs, os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.ports = [base_port + k if base_port is not None else free_port() for k in range(num_engines)]
         self.procs: list[subprocess.Popen | None] = [None] * num_engines
         try:
@@ -108,13 +152,7 @@ class LocalFleet:
 
     def start(self, k: int, *, wait: bool = True) -> None:
         """Start engine k (its previous process must be gone)."""
-        env = dict(os.environ)
-        if self.devices[k] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.devices[k]))
-        if self.backend == "vllm":
-            env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /reset_prefix_cache
-        else:
-            env.setdefault("OMP_NUM_THREADS", "1")
+        env = self.engine_env(k)
         cmd = engine_command(self.backend, self.model, self.ports[k], host=self.host,
                              dtype=self.dtype, gpus_per_engine=self.gpus_per_engine, seed=k,
                              extra=self.extra)
@@ -123,6 +161,22 @@ class LocalFleet:
                                          start_new_session=True)
         if wait:
             self.wait_ready(k)
+
+    def engine_env(self, k: int) -> dict[str, str]:
+        """The environment of engine k's process."""
+        env = dict(os.environ)
+        # The engine (vLLM's workers load our worker extension by name) imports the same
+        # megatron_alp as this process, installed or not, whatever the working directory.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [_PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        if self.devices[k] is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible_devices(self.devices[k],
+                                                          os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if self.backend == "vllm":
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /reset_prefix_cache
+        else:
+            env.setdefault("OMP_NUM_THREADS", "1")
+        return env
 
     def wait_ready(self, k: int) -> None:
         """Block until engine k answers ``/health``; its exit or the timeout raise."""
@@ -169,6 +223,10 @@ class LocalFleet:
             self.procs[k] = None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry (module docstring); usage errors exit 2."""
     p = argparse.ArgumentParser(prog="python -m megatron_alp.rollout.fleet_launch",
@@ -179,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address the engines listen on")
     p.add_argument("--base-port", type=int, default=8100)
     p.add_argument("--dtype", default="bfloat16", help="twin only (vLLM always runs bfloat16)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU indices (vllm; default: all)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU indices as this process sees them, i.e. "
+                   "after CUDA_VISIBLE_DEVICES (vllm; default: all)")
     p.add_argument("--gpus-per-engine", type=int, default=1, help="vLLM tensor parallel size")
     p.add_argument("--reserve-gpus", default="", help="GPUs never given to an engine (the trainer's)")
     p.add_argument("--log-dir", default=None)
@@ -195,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a folder (an HF model folder is expected)")
+    # SIGTERM (run.sh's trap, `kill`, srun forwarding) must stop the engines too: they run
+    # in their own sessions, and the default action would end this process without its
+    # `finally`, leaving every engine holding its GPUs.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         fleet = LocalFleet(args.engines, model=args.model, backend=args.backend, dtype=args.dtype,
                            host=args.host, base_port=args.base_port,

@@ -53,12 +53,14 @@ class VLLMEngine:
     stream's sending rank) by CUDA IPC. ``num_engines`` and ``colocate=False`` are
     refused with a pointer to the ``fleet`` engine (see the module docstring).
     ``allow_truncation`` lets top-p / top-k through (see ``check_ratio_sampling``).
+    ``dtype`` is vLLM's weight dtype (the trainer passes its ``--rl-rollout-dtype``).
     """
 
     def __init__(
         self,
         model: str,
         *,
+        dtype: str = "bfloat16",
         num_engines: int = 1,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.5,
@@ -81,7 +83,7 @@ class VLLMEngine:
         import vllm
 
         kw = engine_kwargs(
-            model, tensor_parallel_size=tensor_parallel_size,
+            model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             colocate=True, seed=seed, extra=llm_kwargs,
         )

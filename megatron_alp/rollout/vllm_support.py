@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-from typing import Any, Sequence
+import threading
+import time
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -18,6 +20,7 @@ from megatron_alp.rollout.sampling import completion_seed
 __all__ = [
     "SUPPORTED_VLLM",
     "BucketMeta",
+    "abort_communicator",
     "assign_prompts",
     "bucket_meta",
     "check_vllm_version",
@@ -29,8 +32,10 @@ __all__ = [
     "rebuild_ipc_args",
     "require_pynccl",
     "require_reset",
-    "workers_per_engine",
     "sampling_kwargs",
+    "wait_for_stream",
+    "wait_or_abort",
+    "workers_per_engine",
 ]
 
 SUPPORTED_VLLM = ("0.10.2", "0.34")
@@ -100,9 +105,13 @@ def sampling_kwargs(
     return kw
 
 
+_VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
 def engine_kwargs(
     model: str,
     *,
+    dtype: str = "bfloat16",
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.85,
@@ -111,7 +120,8 @@ def engine_kwargs(
     seed: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``: BF16, processed log-probs, our worker extension.
+    """Keyword arguments for ``vllm.LLM``: BF16 (unless ``dtype`` says otherwise),
+    processed log-probs, our worker extension.
 
     ``colocate`` turns on sleep mode (the engine frees its weights and KV cache while
     the trainer runs on the same GPUs). Data parallelism inside one engine is refused:
@@ -125,7 +135,7 @@ def engine_kwargs(
         )
     kw: dict[str, Any] = dict(
         model=model,
-        dtype="bfloat16",
+        dtype=_VLLM_DTYPES.get(dtype, dtype),
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
@@ -164,6 +174,64 @@ def require_pynccl(comm: Any, who: str) -> None:
             f"{who}: vLLM's PyNcclCommunicator is disabled (world size 1, NCCL library not "
             "found, or VLLM_DISABLE_PYNCCL=1); weight broadcasts would be silent no-ops"
         )
+
+
+def wait_or_abort(done: Callable[[], bool], timeout_s: float, comm: Any, what: str, *,
+                  poll_s: float = 1e-3) -> None:
+    """Wait until ``done()`` (a CUDA event's ``query``: the broadcasts queued before it
+    have finished), at most ``timeout_s``; then abort ``comm`` and raise ``TimeoutError``.
+
+    ``stream.synchronize()`` after an NCCL broadcast never returns when a member died
+    mid-bucket: the kernel spins on a peer that is gone, vLLM's ``PyNcclCommunicator``
+    never polls NCCL's async error, and the sender's thread and every surviving worker
+    would hang for good. Aborting the communicator (``ncclCommAbort``) ends the stuck
+    kernels so the stream and the GPU stay usable; the group is then formed anew.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            aborted = abort_communicator(comm)
+            raise TimeoutError(
+                f"{what}: the NCCL broadcast did not finish within {timeout_s:.0f} s (a member "
+                "of the weight group died or stopped answering); the communicator was "
+                + ("aborted" if aborted else "NOT aborted (no ncclCommAbort)")
+            )
+        time.sleep(poll_s)
+
+
+def abort_communicator(comm: Any, *, join_s: float = 10.0) -> bool:
+    """``ncclCommAbort`` on a vLLM ``PyNcclCommunicator`` (0.33 wraps it; 0.10.2 only
+    exposes the library: ``comm.nccl.lib``), from a daemon thread bounded by ``join_s``
+    as vLLM 0.33's own ``destroy`` does. Marks the communicator disabled. Returns
+    whether an abort was issued."""
+    nccl, handle = getattr(comm, "nccl", None), getattr(comm, "comm", None)
+    if nccl is None or handle is None:
+        return False
+    fn = getattr(nccl, "ncclCommAbort", None)
+    if fn is None:
+        lib = getattr(nccl, "lib", None)
+        fn = getattr(lib, "ncclCommAbort", None) if lib is not None else None
+    if fn is None:
+        return False
+
+    def _abort() -> None:
+        try:
+            fn(handle)
+        except Exception:  # noqa: BLE001 - best effort: the caller raises anyway
+            pass
+
+    t = threading.Thread(target=_abort, daemon=True, name="nccl-abort")
+    t.start()
+    t.join(join_s)
+    comm.disabled = True
+    return True
+
+
+def wait_for_stream(stream: Any, timeout_s: float, comm: Any, what: str) -> None:
+    """:func:`wait_or_abort` on the work queued so far on a CUDA ``stream``."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    wait_or_abort(event.query, timeout_s, comm, what)
 
 
 def require_reset(result: Any, engine: str) -> bool:

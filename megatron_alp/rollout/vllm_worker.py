@@ -22,27 +22,44 @@ given to vLLM) on any machine.
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from typing import Any
 
 import torch
 
-from megatron_alp.rollout.vllm_support import local_device_of_uuid, rebuild_ipc_args, require_pynccl
+from megatron_alp.rollout.vllm_support import (
+    abort_communicator,
+    local_device_of_uuid,
+    rebuild_ipc_args,
+    require_pynccl,
+    wait_for_stream,
+)
 
 __all__ = ["WeightSyncExtension"]
+
+_PROCESS_INSTANCE = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+"""This worker process's identity: a restarted engine has new ones (the fleet client
+then knows its weights are the checkpoint's and that it left the weight group)."""
 
 
 class WeightSyncExtension:
     """Methods added to vLLM's worker; ``self`` is the worker (``self.device``,
-    ``self.model_runner``)."""
+    ``self.model_runner``). The model is ``model_runner.get_model()``: the raw module in
+    vllm 0.10.2 and 0.33 (V1 and V2 runners), where ``model_runner.model`` may be a
+    CUDA-graph wrapper that only forwards attributes."""
 
     _weight_comm: Any = None
 
     def weight_sync_info(self) -> dict[str, Any]:
-        """This worker's rank inside its engine and its GPU (one entry per worker)."""
+        """This worker's rank inside its engine, its GPU and its process instance (one
+        entry per worker)."""
         from vllm.distributed.parallel_state import get_world_group
 
         return dict(rank=int(get_world_group().rank),
-                    gpu_uuid=str(torch.cuda.get_device_properties(self.device).uuid))
+                    gpu_uuid=str(torch.cuda.get_device_properties(self.device).uuid),
+                    instance=_PROCESS_INSTANCE)
 
     def init_weight_sync(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -58,6 +75,9 @@ class WeightSyncExtension:
         from vllm.distributed.parallel_state import get_world_group
         from vllm.distributed.utils import StatelessProcessGroup
 
+        if self._weight_comm is not None:  # a previous epoch's group: free its buffers
+            old, self._weight_comm = self._weight_comm, None
+            abort_communicator(old)
         rank = get_world_group().rank + int(rank_offset)
         pg = StatelessProcessGroup.create(
             host=master_address, port=int(master_port), rank=rank,
@@ -68,20 +88,32 @@ class WeightSyncExtension:
         self._weight_comm = comm
         return rank
 
-    def receive_bucket(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> int:
-        """Receive one bucket by NCCL broadcast from rank 0 and load it; return its bytes."""
-        if self._weight_comm is None:
-            raise RuntimeError("init_weight_sync must run before receive_bucket")
+    def receive_bucket(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                       timeout_s: float = 300.0) -> int:
+        """Receive one bucket by NCCL broadcast from rank 0 and load it; return its bytes.
+
+        The broadcasts are waited for at most ``timeout_s``; past it the communicator is
+        aborted (a dead member would otherwise hang this worker for good) and
+        ``init_weight_sync`` must run again.
+        """
+        comm = self._weight_comm
+        if comm is None:
+            raise RuntimeError("init_weight_sync must run before receive_bucket (or the "
+                               "previous broadcast timed out and the group was aborted)")
         weights = []
         nbytes = 0
-        stream = torch.cuda.current_stream()
+        stream = torch.cuda.current_stream(self.device)  # this worker's GPU, whichever thread
         for name, dt, shape in zip(names, dtypes, shapes, strict=True):
             t = torch.empty(shape, dtype=getattr(torch, dt), device=self.device)
-            self._weight_comm.broadcast(t, src=0, stream=stream)
+            comm.broadcast(t, src=0, stream=stream)
             weights.append((name, t))
             nbytes += t.numel() * t.element_size()
-        stream.synchronize()
-        self.model_runner.model.load_weights(weights=weights)
+        try:
+            wait_for_stream(stream, timeout_s, comm, f"vLLM worker {self.device}")
+        except TimeoutError:
+            self._weight_comm = None
+            raise
+        self.model_runner.get_model().load_weights(weights=weights)
         return nbytes
 
     def receive_ipc(self, items: list[list[Any]]) -> int:
@@ -93,16 +125,16 @@ class WeightSyncExtension:
         for name, payload in items:
             index = local_device_of_uuid(payload["gpu_uuid"], uuids)
             weights.append((name, rebuild_cuda_tensor(*rebuild_ipc_args(payload, index))))
-        self.model_runner.model.load_weights(weights=weights)
+        self.model_runner.get_model().load_weights(weights=weights)
         torch.cuda.synchronize()
         return len(weights)
 
     def param_values(self, names: list[str]) -> dict[str, list[Any]]:
         """vLLM's own parameters (fused, this worker's TP shard) as fp32 nested lists,
         for tests that compare loaded against sent weights per tensor."""
-        params = dict(self.model_runner.model.named_parameters())
+        params = dict(self.model_runner.get_model().named_parameters())
         return {n: params[n].detach().float().cpu().tolist() for n in names}
 
     def weights_checksum(self) -> float:
         """Sum of all parameters (fp64): lets tests check that an update arrived."""
-        return float(sum(p.double().sum() for p in self.model_runner.model.parameters()))
+        return float(sum(p.double().sum() for p in self.model_runner.get_model().parameters()))

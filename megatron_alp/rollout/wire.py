@@ -72,19 +72,30 @@ def completion_from_dict(row: Sequence[Any]) -> Completion:
 
 
 def openai_completion_request(
-    model: str, prompt: Sequence[int], sp: SamplingParams, prompt_index: int, sample_index: int
+    model: str | None, prompt: Sequence[int], sp: SamplingParams, prompt_index: int,
+    sample_index: int,
 ) -> dict[str, Any]:
     """The ``/v1/completions`` body of one completion for ``vllm serve``.
 
     ``n=1`` with a per-completion seed (vLLM's n > 1 seeds sample j with ``seed + j``);
     ``logprobs=0`` returns the sampled token's log-prob; ``return_token_ids`` returns ids
     (no detokenisation round trip); ``skip_special_tokens=False`` keeps the text harmless.
+
+    The penalties and ``min_p`` are sent at their neutral values: a field left out takes
+    the *server's* default, which ``vllm serve`` reads from the model's
+    ``generation_config.json`` (vllm 0.10.2 ``protocol.py`` / 0.33
+    ``openai/completion/protocol.py`` ``to_sampling_params``; e.g. Qwen2.5-Instruct's
+    ``repetition_penalty`` 1.05): the processed log-probs would then include a penalty the
+    trainer's log-probs do not, biasing every importance ratio.
     """
     body: dict[str, Any] = dict(
-        model=model, prompt=list(prompt), n=1, temperature=sp.temperature, top_p=sp.top_p,
-        top_k=sp.top_k if sp.top_k > 0 else -1, max_tokens=sp.max_new_tokens, logprobs=0,
+        prompt=list(prompt), n=1, temperature=sp.temperature, top_p=sp.top_p,
+        top_k=sp.top_k if sp.top_k > 0 else -1, min_p=0.0, repetition_penalty=1.0,
+        presence_penalty=0.0, frequency_penalty=0.0, max_tokens=sp.max_new_tokens, logprobs=0,
         ignore_eos=sp.ignore_eos, return_token_ids=True, skip_special_tokens=False,
     )
+    if model is not None:  # None: the server's own model (vLLM accepts a missing name)
+        body["model"] = model
     if sp.stop_token_ids:
         body["stop_token_ids"] = list(sp.stop_token_ids)
     if sp.seed is not None:

@@ -48,14 +48,25 @@ def _need_gpus(n: int) -> None:
         pytest.skip(f"needs {n} GPUs, this machine has {have}")
 
 
+def _config(model_type="qwen2", tie=False):
+    """The tiny config with head_dim 64: vLLM 0.10.2's FlashAttention (and Triton) backends
+    take head sizes 32..256 only (``get_supported_head_sizes``), and the default tiny
+    head_dim of 16 would silently run FlexAttention instead of the production kernel.
+    2 query = 2 KV heads keeps Megatron TP = 2 and vLLM TP = 2 possible."""
+    from megatron_alp.models.tiny import tiny_hf_config
+
+    extra = dict(head_dim=64) if model_type == "qwen3" else {}
+    return tiny_hf_config(model_type, tie=tie, vocab_size=VOCAB, max_position_embeddings=512,
+                          hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                          num_key_value_heads=2, **extra)
+
+
 def _save_model(path, model_type="qwen2", tie=False, seed=0):
     """A tiny random HF model + a word-level tokenizer (vLLM's server needs one)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from megatron_alp.models.tiny import tiny_hf_config
-
-    cfg = tiny_hf_config(model_type, tie=tie, vocab_size=VOCAB, max_position_embeddings=512)
+    cfg = _config(model_type, tie)
     cfg.eos_token_id = None  # ignore_eos everywhere anyway; no accidental stops
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
@@ -205,19 +216,18 @@ def _export_body(endpoints: list[str], served: str, model_type: str, tie: bool) 
     from megatron_alp.convert.live_export import export_hf_buckets
     from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
     from megatron_alp.models.sharding import load_full_state
-    from megatron_alp.models.tiny import tiny_hf_config
     from megatron_alp.parallel import ParallelConfig
     from megatron_alp.rollout import create_engine
     from megatron_alp.testing.layouts import canonical_state
 
-    hf = tiny_hf_config(model_type, tie=tie, vocab_size=VOCAB, max_position_embeddings=512)
+    hf = _config(model_type, tie)
     full = canonical_state(hf, seed=5)
     layout = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     args = gpt_args_from_hf(hf)
     with parallel.model_parallel(layout) as info:
         chunks = build_model(args, transformer_config(args, layout))
         load_full_state(chunks, full, strict=False)
-        stream = export_hf_buckets(chunks, hf, dtype=torch.bfloat16, bucket_bytes=70_000)
+        stream = export_hf_buckets(chunks, hf, dtype=torch.bfloat16, bucket_bytes=140_000)  # > fc1 (2 x 256 x 128 bf16)
         if info.rank != 0:
             for _ in stream:
                 pass

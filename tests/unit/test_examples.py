@@ -72,3 +72,21 @@ def test_configs_ship_in_the_wheel(tmp_path):
     wheel = next(tmp_path.glob("megatron_alp-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert sum(n.startswith("megatron_alp/configs/") and n.endswith(".yaml") for n in names) == 10
+
+
+@pytest.mark.parametrize("script", ["examples/slurm/fleet.sbatch", "examples/qwen2.5-1.5b-math/run.sh"])
+def test_scripts_that_start_vllm_engines_point_the_trainer_at_them(script):
+    """A script that launches `fleet_launch --backend vllm` must run the trainer with
+    `--rl-fleet-backend vllm`: the default (twin) speaks the CPU twin's protocol, and
+    vllm serve's empty /health answer crashed the client."""
+    import re
+
+    text = (REPO / script).read_text()
+    assert "fleet_launch --backend vllm" in text
+    assert set(re.findall(r"--rl-fleet-backend\s+(\S+)", text)) == {"vllm"}, script
+
+
+def test_fleet_sbatch_stops_every_fleet_node():
+    text = (REPO / "examples/slurm/fleet.sbatch").read_text()
+    assert "kill %1" not in text  # only the first fleet node's launcher: `wait` never ended
+    assert 'kill "${FLEET_PIDS[@]}"' in text and "FLEET_PIDS+=($!)" in text

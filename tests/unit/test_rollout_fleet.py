@@ -126,8 +126,6 @@ def test_truncated_sampling_refused_by_the_fleet():
     _fleet(FakeEngine("b"), allow_truncation=True).generate(PROMPTS, SamplingParams(top_p=0.9, seed=1))
     with pytest.raises(ValueError, match="fleet backend 'sglang'"):
         create_engine("fleet", endpoints=["http://x"], backend="sglang")
-    with pytest.raises(ValueError, match="served_model_name"):
-        create_engine("fleet", endpoints=["http://x:1"], backend="vllm")
     fleet.close()
 
 

@@ -32,7 +32,8 @@ def test_openai_request_one_completion_per_seed():
     sp = SamplingParams(temperature=1.0, max_new_tokens=7, n=8, seed=2, stop_token_ids=(9,))
     body = openai_completion_request("m", [1, 2, 3], sp, prompt_index=4, sample_index=5)
     assert body == dict(model="m", prompt=[1, 2, 3], n=1, temperature=1.0, top_p=1.0, top_k=-1,
-                        max_tokens=7, logprobs=0, ignore_eos=False, return_token_ids=True,
+                        min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                        frequency_penalty=0.0, max_tokens=7, logprobs=0, ignore_eos=False, return_token_ids=True,
                         skip_special_tokens=False, stop_token_ids=[9], seed=completion_seed(2, 4, 5))
 
 
@@ -58,7 +59,7 @@ def test_assign_devices_disjoint_and_never_the_trainers():
 
 def test_engine_commands():
     cmd = engine_command("vllm", "/m", 8101, gpus_per_engine=2, seed=3)
-    assert cmd[:3] == ["vllm", "serve", "/m"]
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/m"]  # `vllm serve`
     for flag, value in [("--logprobs-mode", "processed_logprobs"), ("--dtype", "bfloat16"),
                         ("--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension"),
                         ("--tensor-parallel-size", "2"), ("--port", "8101"), ("--seed", "3")]:
@@ -83,3 +84,85 @@ def test_engine_server_usage_error_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         server_main(["--model", str(tmp_path / "nope"), "--port", "1"])
     assert e.value.code == 2 and "is not a folder" in capsys.readouterr().err
+
+
+# ---- independent review of the vLLM path against the vllm 0.10.2 / 0.33.0 wheels ----
+
+# The fields whose value, when the request leaves them out, comes from the server's
+# defaults, i.e. the model's generation_config.json: vllm 0.33.0
+# entrypoints/openai/completion/protocol.py CompletionRequest._DEFAULT_SAMPLING_PARAMS
+# (0.10.2 protocol.py: the same minus the two penalties added later).
+_SERVER_DEFAULTED = ("repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "temperature", "top_p", "top_k", "min_p")
+
+
+def test_openai_request_never_takes_the_servers_sampling_defaults():
+    """A Qwen2.5-Instruct generation_config (repetition_penalty 1.05) would otherwise
+    penalise vLLM's processed log-probs and not the trainer's."""
+    body = openai_completion_request(None, [1, 2], SamplingParams(seed=1), 0, 0)
+    for name in _SERVER_DEFAULTED:
+        assert body.get(name) is not None, name
+    assert (body["repetition_penalty"], body["presence_penalty"], body["frequency_penalty"],
+            body["min_p"]) == (1.0, 0.0, 0.0, 0.0)
+    assert "model" not in body  # None: the server's own model (see the next test)
+    cmd = engine_command("vllm", "/m", 8101)
+    assert cmd[cmd.index("--generation-config") + 1] == "vllm"
+
+
+def test_fleet_vllm_needs_no_served_model_name():
+    """The trainer creates the fleet client with endpoints and model=--hf-model only; the
+    client used to refuse that (and a path spelt differently from `vllm serve`'s argument
+    would be a 404): vLLM accepts a request without a model name."""
+    from megatron_alp.rollout import create_engine
+    from megatron_alp.rollout.fleet_backends import VLLMEndpoint
+
+    engine = create_engine("fleet", endpoints=["http://127.0.0.1:9"], backend="vllm",
+                           model="/ckpt/hf", dtype="bfloat16", sync_host="127.0.0.1",
+                           sync_port=None, health_timeout_s=0.5, startup_wait_s=0)
+    try:
+        ep = engine.engines[0].endpoint
+        assert isinstance(ep, VLLMEndpoint) and ep.model is None
+        assert not engine.engines[0].up  # nothing listens there: down, not an exception
+    finally:
+        engine.close()
+
+
+def test_visible_devices_map_through_the_parents_cuda_visible_devices():
+    from megatron_alp.rollout.fleet_launch import visible_devices
+
+    assert visible_devices([0, 1], None) == "0,1"
+    assert visible_devices([0, 2], "4,5,6,7") == "4,6"  # was "0,2": another job's GPUs
+    assert visible_devices([1], "GPU-aa, GPU-bb") == "GPU-bb"
+    with pytest.raises(ValueError, match=r"GPU indices \[4\] are not visible.*indices 0\.\.3"):
+        visible_devices([4], "4,5,6,7")
+
+
+def test_local_vllm_fleet_reserves_the_trainers_gpus(monkeypatch):
+    """`--rl-rollout-engine fleet --rl-fleet-backend vllm` without endpoints: rank 0
+    starts the engines; they used to be spread over every GPU, the trainer's included."""
+    import megatron_alp.rollout.fleet_launch as fl
+    from megatron_alp.rollout import create_engine
+    from megatron_alp.rollout.fleet import trainer_gpus
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_local_fleet(num_engines, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(fl, "LocalFleet", fake_local_fleet)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(Stop):
+        create_engine("fleet", backend="vllm", model="/ckpt/hf", num_engines=4)
+    assert set(seen["reserve_gpus"]) >= {0, 1, 2, 3}
+    with pytest.raises(Stop):  # an explicit reservation wins
+        create_engine("fleet", backend="vllm", model="/ckpt/hf", launch_kwargs=dict(reserve_gpus=[7]))
+    assert seen["reserve_gpus"] == [7]
+
+    assert trainer_gpus({"LOCAL_WORLD_SIZE": "4"}, current=0) == [0, 1, 2, 3]
+    assert trainer_gpus({}, current=2) == [0, 2]
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='x'"):
+        trainer_gpus({"LOCAL_WORLD_SIZE": "x"}, current=0)
