@@ -8,6 +8,7 @@ from megatron_alp.rollout.base import (
     SamplingParams,
     available_engines,
     create_engine,
+    engine_can_sleep,
     register_engine,
 )
 from megatron_alp.rollout.local import LocalEngine
@@ -27,6 +28,7 @@ __all__ = [
     "Trajectory",
     "available_engines",
     "create_engine",
+    "engine_can_sleep",
     "multiturn_metrics",
     "register_engine",
     "run_multiturn",

@@ -157,6 +157,12 @@ def available_engines() -> list[str]:
     return sorted(_ENGINES)
 
 
+def engine_can_sleep(name: str) -> bool:
+    """True if the engine registered as ``name`` frees its GPU memory on request
+    (``sleep(level)``; the next ``update_weights`` wakes it): colocated engines do."""
+    return callable(getattr(_ENGINES.get(name), "sleep", None))
+
+
 def create_engine(name: str, **kwargs: Any) -> RolloutEngine:
     """Build the engine registered as ``name``; unknown names list the valid ones."""
     if name not in _ENGINES:

@@ -102,6 +102,9 @@ class RunConfig:
     """Advantage estimator registry name."""
     verify_weights_swap: bool
     """Compare the engine's weights with what was sent after each sync."""
+    engine_sleep_level: int
+    """0: the engine keeps its GPU memory while the trainer trains; 1 / 2: a colocated
+    engine sleeps (vLLM sleep levels) after each rollout and wakes at the next weight sync."""
     engine_kwargs: dict
     """Engine-specific ``create_engine`` arguments (the fleet's endpoints, backend, sync address)."""
     run_dir: Path
@@ -204,6 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="--rl-rollout-engine fleet: engine base URLs (http://host:port, started by "
                         "python -m megatron_alp.rollout.fleet_launch); none: start --rl-fleet-engines "
                         "local engines")
+    g.add_argument("--rl-engine-sleep-level", default="auto", choices=("auto", "0", "1", "2"),
+                   help="a colocated engine (--rl-rollout-engine vllm) frees its GPU memory while "
+                        "the trainer trains: 1 offloads its weights to host memory, 2 drops them "
+                        "(every sync re-sends all weights, so 2 loses nothing); it wakes at the next "
+                        "weight sync. 0: never sleep. auto: 2 for engines that can sleep, else 0 "
+                        "(default: auto)")
     g.add_argument("--rl-fleet-backend", default="twin", choices=("twin", "vllm"),
                    help="fleet engine kind: twin (the CPU twin: LocalEngine served over HTTP + gloo "
                         "weight group) or vllm (vllm serve with our worker extension); default twin")
@@ -407,6 +416,24 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     else:
         kw["endpoints"] = endpoints
     return kw
+
+
+def _engine_sleep_level(args: argparse.Namespace) -> int:
+    """``--rl-engine-sleep-level``: auto -> 2 where the engine can sleep; an explicit level
+    for an engine that cannot (the local engine, a fleet on its own GPUs) is an error."""
+    from megatron_alp.rollout import engine_can_sleep
+
+    can = engine_can_sleep(args.rl_rollout_engine)
+    if args.rl_engine_sleep_level == "auto":
+        return 2 if can else 0
+    level = int(args.rl_engine_sleep_level)
+    if level and not can:
+        raise ValueError(
+            f"--rl-engine-sleep-level {level}: the {args.rl_rollout_engine!r} engine cannot sleep "
+            "(only a colocated engine, --rl-rollout-engine vllm, shares the trainer's GPUs); "
+            "use 0 or auto"
+        )
+    return level
 
 
 def _positive(name: str, value: Any, minimum: int = 1) -> None:
@@ -678,6 +705,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         eval_samples=args.rl_eval_samples,
         advantage_estimator=estimator,
         verify_weights_swap=bool(args.rl_verify_model_weights_swap),
+        engine_sleep_level=_engine_sleep_level(args),
         engine_kwargs=_engine_kwargs(args),
         run_dir=run_dir,
         nproc=args.nproc,

@@ -179,6 +179,15 @@ class Trainer:
         )
         return samples
 
+    def _engine_sleep(self, timing: dict[str, float]) -> None:
+        """A colocated engine gives its GPU memory back for the update (``--rl-engine-sleep-level``);
+        the next weight sync wakes it (weights first, then its KV cache)."""
+        level = self.cfg.run.engine_sleep_level
+        if self.rank == 0 and level:
+            t0 = time.perf_counter()
+            self.engine.sleep(level)
+            timing["engine_sleep"] = time.perf_counter() - t0
+
     def _export_stream(self):
         """The HF-named weight stream in the engine's dtype (collective: every rank drains it)."""
         from megatron_alp.convert.live_export import export_hf_buckets
@@ -276,6 +285,7 @@ class Trainer:
         timing: dict[str, float] = {}
         t_step = time.perf_counter()
         samples = self.rollouts(timing)
+        self._engine_sleep(timing)
         st = step_tensors(samples, multiple=self.multiple)
         plan = plan_minibatches(
             len(samples), global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from megatron_alp.launch import RankGroup
-from tests.e2e.train_bodies import base_argv, build_assets, train_body
+from tests.e2e.train_bodies import base_argv, build_assets, sleepy_train_body, train_body
 
 PRESETS = [
     "grpo", "gspo", "seq-bypass", "token-tis", "seq-tis", "token-mis", "seq-mis",
@@ -292,6 +292,33 @@ def test_sigterm_saves_and_exits_zero(assets, tmp_path):
     step = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= step < 50
     assert f"stopped after step {step} (signal)" in out
+
+
+# ------------------------------------------------------------------------ a colocated engine sleeps
+def test_colocated_engine_sleeps_during_updates_and_gets_every_weight_back(group, assets, tmp_path):
+    """--rl-engine-sleep-level auto: an engine that can sleep (its weights are zeroed, as vLLM's
+    level 2 drops them) sleeps after every rollout and the next sync restores all of them:
+    fp32 rollouts keep matching the trainer's log-probs at every step."""
+    out = group.run(sleepy_train_body, base_argv(
+        assets, tmp_path / "run", "--rl-loss", "grpo", "--rl-rollout-dtype", "fp32",
+        "--tensor-model-parallel-size", "2", "--train-iters", "3",
+        "--rl-rollout-engine", "sleepy-local",
+    ), 4)[0]
+    hist = out["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    for h in hist:
+        assert "timing_s/engine_sleep" in h
+        assert h["rollout_corr/abs_logp_diff_max"] <= 1e-4, h["rollout_corr/abs_logp_diff_max"]
+
+
+def test_sleep_level_for_an_engine_that_cannot_sleep_is_refused(assets, tmp_path):
+    from megatron_alp.train.arguments import parse_args
+
+    argv = base_argv(assets, tmp_path / "run", "--train-iters", "2", "--rl-engine-sleep-level", "2")
+    with pytest.raises(ValueError, match="--rl-engine-sleep-level 2: the 'local' engine cannot sleep"):
+        parse_args(argv, world_size=None)
+    cfg = parse_args(base_argv(assets, tmp_path / "run", "--train-iters", "2"), world_size=None)
+    assert cfg.run.engine_sleep_level == 0  # auto: the local engine keeps its memory
 
 
 # ------------------------------------------------------------------------ the fleet (CPU twin)

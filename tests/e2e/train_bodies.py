@@ -93,3 +93,46 @@ def multiturn_train_body(argv: list[str], world_size: int) -> Any:
     """``train_body`` with the scripted-first-turn engine registered in this rank."""
     scripted_engine_module()
     return train_body(argv, world_size)
+
+
+# ------------------------------------------------------------------------ a colocated engine's sleep
+def register_sleepy_engine() -> None:
+    """Register ``sleepy-local`` once per process: the local engine with a sleep that behaves
+    like vLLM's level 2 (its weights are gone: zeroed here) and refuses to generate asleep;
+    ``update_weights`` wakes it. The trainer must therefore re-send every tensor after each
+    sleep, or the next rollouts come from a zeroed model."""
+    import torch
+
+    from megatron_alp.rollout import LocalEngine, available_engines, register_engine
+
+    if "sleepy-local" in available_engines():
+        return
+
+    @register_engine("sleepy-local")
+    class SleepyLocalEngine(LocalEngine):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.sleep_level = 0
+            self.sleeps = 0
+
+        def sleep(self, level: int = 1) -> None:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.zero_()
+            self.sleep_level = level
+            self.sleeps += 1
+
+        def update_weights(self, stream, **kw):  # type: ignore[override]
+            self.sleep_level = 0
+            return super().update_weights(stream, **kw)
+
+        def generate(self, *args: Any, **kwargs: Any):  # type: ignore[override]
+            if self.sleep_level:
+                raise RuntimeError("sleepy-local: generate() while asleep")
+            return super().generate(*args, **kwargs)
+
+
+def sleepy_train_body(argv: list[str], world_size: int) -> Any:
+    """``train_body`` with ``sleepy-local`` registered in this rank."""
+    register_sleepy_engine()
+    return train_body(argv, world_size)
