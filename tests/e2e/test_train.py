@@ -193,6 +193,8 @@ def test_kill9_then_resume_equals_uninterrupted_run(assets, tmp_path):
         (("--rl-prompt-data", "/nonexistent/p.jsonl"), "/nonexistent/p.jsonl"),
         (("--load", "/nonexistent/ckpt"), "--load /nonexistent/ckpt: no checkpoint"),
         (("--rl-default-top-p", "0.9"), "truncated sampling is refused"),
+        (("--rl-default-temperature", "2.5"), "above 2.0, which vLLM (0.33) rejects"),
+        (("--rl-default-temperature", "0.005"), "below 0.01: vLLM clamps it"),
         (("--alp-init-std", "-1", "--rl-loss", "token-alp"), "ALPConfig.init_std=-1.0"),
         (("--save", "{assets}"), "overlaps --hf-model"),
         (("--save", "{assets}/model/ckpt"), "overlaps --hf-model"),
