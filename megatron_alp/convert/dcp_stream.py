@@ -22,8 +22,8 @@ included. How it writes:
 * ``torch.save`` leaves out the zip CRC-32 of its records (``crc32=False``, the default):
   ``torch.load`` never checks it (``tests/unit/test_convert_pipeline.py`` shows a flipped
   byte loading silently either way), and it costs one core ~0.2 s per GB.
-* A background thread ``fdatasync`` s the file every ``sync_bytes`` written, so write-back
-  to the disk overlaps the conversion instead of all of it waiting in the final fsync.
+* Write-back to the disk is started every ``sync_bytes`` written (``sync_file_range``), so
+  it overlaps the conversion instead of all of it waiting in the final fsync.
 
 The planner must offer ``fill_item(write_item, out)`` (fill the tensor ``out``, of the item's
 chunk shape and dtype) and ``item_written(write_item)`` (progress); see
@@ -32,8 +32,10 @@ chunk shape and dtype) and ``item_written(write_item)`` (progress); see
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -82,38 +84,38 @@ class _FdStream:
         pass
 
 
-class _Syncer:
-    """``fdatasync`` in the background whenever ``step`` more bytes were written."""
+class _WriteBehind:
+    """Start write-back of every ``step`` bytes written, without waiting for it
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; Linux). Otherwise the kernel starts only
+    at its dirty-memory threshold (10% of RAM), and all of a smaller checkpoint waits in
+    the final fsync: 0.5 s of 1.4 s for 2 GB here. A thread calling ``fdatasync``
+    instead was slower than nothing (it stalls the writes). Best effort: the final
+    fsync is what makes the file durable."""
+
+    _SYNC_FILE_RANGE_WRITE = 2
 
     def __init__(self, fd: int, step: int) -> None:
-        self._fd, self._step, self._next = fd, step, step
-        self._wake = threading.Event()
-        self._stop = False
-        self.error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, name="dcp-sync", daemon=True)
-        self._thread.start()
+        self._fd, self._step = fd, step
+        self._done = 0
+        self._call = _sync_file_range()
 
     def written(self, pos: int) -> None:
-        if pos >= self._next:
-            self._next = pos + self._step
-            self._wake.set()
+        if self._call is not None and pos - self._done >= self._step:
+            self._call(self._fd, self._done, pos - self._done, self._SYNC_FILE_RANGE_WRITE)
+            self._done = pos
 
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stop:
-                return
-            try:
-                os.fdatasync(self._fd)
-            except OSError as e:  # reported by close(); the final fsync fails the same way
-                self.error = e
-                return
 
-    def close(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join()
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range`` (not in :mod:`os`), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 class PipelinedFileSystemWriter(FileSystemWriter):
@@ -162,18 +164,13 @@ class PipelinedFileSystemWriter(FileSystemWriter):
                 offset = stream.pos
                 stream.write(data.getbuffer())
                 results.append(_result(item, name, offset, stream.pos - offset))
-            syncer = _Syncer(fd, self.sync_bytes)
-            try:
-                for item, tensor in _Pipeline(tensors, planner, self.producers):
-                    offset = stream.pos
-                    torch.save(tensor, stream)
-                    results.append(_result(item, name, offset, stream.pos - offset))
-                    syncer.written(stream.pos)
-                    planner.item_written(item)
-            finally:
-                syncer.close()
-            if syncer.error is not None:
-                raise syncer.error
+            behind = _WriteBehind(fd, self.sync_bytes)
+            for item, tensor in _Pipeline(tensors, planner, self.producers):
+                offset = stream.pos
+                torch.save(tensor, stream)
+                results.append(_result(item, name, offset, stream.pos - offset))
+                behind.written(stream.pos)
+                planner.item_written(item)
             os.fsync(fd)
         finally:
             os.close(fd)

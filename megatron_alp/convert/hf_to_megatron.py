@@ -291,7 +291,7 @@ def convert_hf_to_megatron(
         )
     _check_model_type(hf_dir)
     target = check_output(out_dir, tool=TOOL, inputs=[hf_dir], force=force)
-    config = load_hf_config(hf_dir, flag="--hf")
+    config = load_hf_config(hf_dir, flag="--hf", plain=True)
     args = gpt_args_from_hf(config)
     mapping = ModelMapping(
         get_mapping(args.model_type), args, make_vocab_size_divisible_by=make_vocab_size_divisible_by
