@@ -165,12 +165,16 @@ class PipelinedFileSystemWriter(FileSystemWriter):
                 stream.write(data.getbuffer())
                 results.append(_result(item, name, offset, stream.pos - offset))
             behind = _WriteBehind(fd, self.sync_bytes)
-            for item, tensor in _Pipeline(tensors, planner, self.producers):
-                offset = stream.pos
-                torch.save(tensor, stream)
-                results.append(_result(item, name, offset, stream.pos - offset))
-                behind.written(stream.pos)
-                planner.item_written(item)
+            pipeline = _Pipeline(tensors, planner, self.producers)
+            try:
+                for item, tensor in pipeline:
+                    offset = stream.pos
+                    torch.save(tensor, stream)
+                    results.append(_result(item, name, offset, stream.pos - offset))
+                    behind.written(stream.pos)
+                    planner.item_written(item)
+            finally:  # a write error or a signal: stop the fillers before the caller cleans up
+                pipeline.close()
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -218,8 +222,13 @@ class _Pipeline:
                 item, tensor, held = got
                 yield item, tensor
         finally:
-            self._stop.set()
-            for t in self._threads:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the fillers and wait for them (each finishes the chunk it is filling)."""
+        self._stop.set()
+        for t in self._threads:
+            if t.is_alive():
                 t.join()
 
     def _get(self, q: queue.Queue) -> Any:

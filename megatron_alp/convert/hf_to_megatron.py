@@ -52,7 +52,7 @@ __all__ = ["ConversionReport", "all_finite", "check_weights", "convert_hf_to_meg
 TOOL = "hf_to_megatron"
 """Name in the output marker: ``--force`` replaces only a folder this tool wrote."""
 
-DEFAULT_BLOCK_BYTES = 256 * 1024**2
+DEFAULT_BLOCK_BYTES = 64 * 1024**2
 """Row blocks of the embedding / output layer are at most this big (bounds memory)."""
 
 
