@@ -144,7 +144,12 @@ def run_measured(code: str) -> tuple[float, float, str]:
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         raise RuntimeError(f"benchmark step failed ({p.returncode}): {code}")
+    CPU_SECONDS.append(usage.ru_utime + usage.ru_stime)
     return wall, usage.ru_maxrss / 1024**2, out  # ru_maxrss is KiB on Linux
+
+
+CPU_SECONDS: list[float] = []
+"""user + system CPU seconds of each measured process (imports included), in order."""
 
 
 def main() -> None:
@@ -207,26 +212,54 @@ for f in sorted(src.glob('*.safetensors')):
 print(time.perf_counter() - t)
 shutil.rmtree(dst)
 """
+    # What any converter must at least do through user space: read every byte into memory
+    # and write it out again (not sendfile / copy_file_range, which stay in the kernel).
+    ucopy_code = f"""
+import os, pathlib, shutil, time
+src, dst = pathlib.Path({str(hf)!r}), pathlib.Path({str(work / "ucopy")!r})
+shutil.rmtree(dst, ignore_errors=True); dst.mkdir()
+t = time.perf_counter()
+buf = bytearray(64 << 20); mv = memoryview(buf)
+for f in sorted(src.glob('*.safetensors')):
+    with open(f, 'rb', buffering=0) as fi, open(dst / f.name, 'wb', buffering=0) as fo:
+        while (k := fi.readinto(mv)):
+            w = 0
+            while w < k:
+                w += fo.write(mv[w:k])
+        os.fsync(fo.fileno())
+print(time.perf_counter() - t)
+shutil.rmtree(dst)
+"""
     h2m_code = (
-        "from megatron_alp.convert import convert_hf_to_megatron as c; "
-        f"print(c({str(hf)!r}, {str(mg)!r}, progress=False, thread_count={args.threads}).seconds)"
+        "import json; from megatron_alp.convert import convert_hf_to_megatron as c; "
+        f"r = c({str(hf)!r}, {str(mg)!r}, progress=False, thread_count={args.threads}); "
+        "print(json.dumps(r.timings)); print(r.seconds)"
     )
     m2h_code = (
         "from megatron_alp.convert import convert_megatron_to_hf as c; "
         f"print(c({str(mg)!r}, {str(back)!r}, dtype='bf16', progress=False).seconds)"
     )
 
-    def step(code: str) -> tuple[float, float, float]:
-        """(work seconds, process wall seconds, peak RSS GiB)."""
-        wall, rss, out = run_measured(code)
-        return float(out.strip().splitlines()[-1]), wall, rss
+    timings: list[dict[str, float]] = []
 
-    floor = min(step("import megatron_alp.convert.hf_to_megatron; print(0.0)")[2] for _ in range(2))
+    def step(code: str) -> tuple[float, float, float, float]:
+        """(work seconds, process wall seconds, peak RSS GiB, CPU seconds); a line of JSON before the
+        last one (the converter's own timings) is kept in ``timings``."""
+        wall, rss, out = run_measured(code)
+        lines = out.strip().splitlines()
+        if len(lines) > 1 and lines[-2].startswith("{"):
+            timings.append(json.loads(lines[-2]))
+        return float(lines[-1]), wall, rss, CPU_SECONDS[-1]
+
+    floors = [step("import megatron_alp.convert.hf_to_megatron; print(0.0)") for _ in range(2)]
+    floor, floor_cpu = min(f[2] for f in floors), min(f[3] for f in floors)
     rounds, resident = [], []
     for r in range(args.rounds):
         row = {}
         resident.append(evict([hf]))
         row["cold read"] = step(read_code)
+        resident.append(evict([hf]))
+        row["cold user-space copy (read + write + fsync)"] = step(ucopy_code)
         shutil.rmtree(mg, ignore_errors=True)
         resident.append(evict([hf]))
         row["cold hf->megatron"] = step(h2m_code)
@@ -247,24 +280,32 @@ shutil.rmtree(dst)
     print(f"\n{args.preset}: {nbytes / 1e9:.2f} GB in {len(files)} files; largest tensor "
           f"{largest / 1024**3:.3f} GiB; {os.cpu_count()} CPUs; {args.rounds} rounds; "
           f"resident after eviction: max {max(resident) * 100:.1f}% of the files' bytes\n")
-    print("| step | GB/s per round | work (s), median | process wall (s), median | peak RSS (GiB), max |")
-    print("|---|---|---:|---:|---:|")
-    print(f"| import megatron_alp.convert.hf_to_megatron (RSS floor) | | | | {floor:.2f} |")
+    print("| step | GB/s per round | work (s), median | process wall (s), median | process CPU (s), median | peak RSS (GiB), max |")
+    print("|---|---|---:|---:|---:|---:|")
+    print(f"| import megatron_alp.convert.hf_to_megatron (RSS floor) | | | | {floor_cpu:.1f} | {floor:.2f} |")
     for name in rounds[0]:
         vals = [rd[name] for rd in rounds]
         print(f"| {name} | {' / '.join(f'{gbps(v[0]):.2f}' for v in vals)} | "
               f"{statistics.median(v[0] for v in vals):.2f} | {statistics.median(v[1] for v in vals):.1f} | "
-              f"{max(v[2] for v in vals):.2f} |")
+              f"{statistics.median(v[3] for v in vals):.1f} | {max(v[2] for v in vals):.2f} |")
     for name, v in extras.items():
-        print(f"| {name} | {gbps(v[0]):.2f} | {v[0]:.2f} | {v[1]:.1f} | {v[2]:.2f} |")
+        print(f"| {name} | {gbps(v[0]):.2f} | {v[0]:.2f} | {v[1]:.1f} | {v[3]:.1f} | {v[2]:.2f} |")
 
     def ratio(conv: str, read: str) -> str:
         rs = [gbps(rd[conv][0]) / gbps(rd[read][0]) for rd in rounds]
         return f"min {min(rs):.2f}, median {statistics.median(rs):.2f}"
 
+    if timings:
+        keys = list(timings[0])
+        print("\nhf->megatron, where the time goes (median over its runs, s): " + ", ".join(
+            f"{k} {statistics.median(t.get(k, 0.0) for t in timings):.2f}" for k in keys)
+            + " (fill: reading + checking in the filling thread, beside the writes; wait: the "
+            "writing thread waiting for a filled chunk; write: torch.save + write(2))")
     peak = max(max(rd["cold hf->megatron"][2], rd["warm hf->megatron"][2]) for rd in rounds)
     bound = floor + 2 * largest / 1024**3
     print(f"\nratio cold hf->megatron / cold read (per round): {ratio('cold hf->megatron', 'cold read')} (goal >= 0.5)")
+    print(f"ratio cold user-space copy / cold read (per round): {ratio('cold user-space copy (read + write + fsync)', 'cold read')}")
+    print(f"ratio cold hf->megatron / cold user-space copy (per round): {ratio('cold hf->megatron', 'cold user-space copy (read + write + fsync)')}")
     print(f"ratio warm hf->megatron / cold read (per round): {ratio('warm hf->megatron', 'cold read')}")
     print(f"ratio warm hf->megatron / warm read (per round): {ratio('warm hf->megatron', 'warm read')}")
     print(f"peak RSS hf->megatron {peak:.2f} GiB = floor {floor:.2f} + {peak - floor:.2f} GiB; "

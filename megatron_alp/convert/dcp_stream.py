@@ -37,6 +37,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,10 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         self.producers = producers
         self.sync_bytes = sync_bytes
         self.crc32 = crc32
+        self.timings: dict[str, float] = {}
+        """Seconds spent, after a save: ``fill`` (filling threads, summed), ``wait`` (the
+        writing thread waiting for a filled chunk), ``write`` (torch.save + write(2)),
+        ``fsync`` (the final one)."""
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
@@ -166,16 +171,22 @@ class PipelinedFileSystemWriter(FileSystemWriter):
                 results.append(_result(item, name, offset, stream.pos - offset))
             behind = _WriteBehind(fd, self.sync_bytes)
             pipeline = _Pipeline(tensors, planner, self.producers)
+            write_s = 0.0
             try:
                 for item, tensor in pipeline:
+                    t0 = time.perf_counter()
                     offset = stream.pos
                     torch.save(tensor, stream)
                     results.append(_result(item, name, offset, stream.pos - offset))
                     behind.written(stream.pos)
+                    write_s += time.perf_counter() - t0
                     planner.item_written(item)
             finally:  # a write error or a signal: stop the fillers before the caller cleans up
                 pipeline.close()
+            t0 = time.perf_counter()
             os.fsync(fd)
+            self.timings = {"fill": pipeline.fill_s, "wait": pipeline.wait_s, "write": write_s,
+                            "fsync": time.perf_counter() - t0}
         finally:
             os.close(fd)
         return results
@@ -203,6 +214,10 @@ class _Pipeline:
         size = max((chunk_nbytes(i) for i in items), default=0)
         for _ in range(min(producers, max(len(items), 1)) + 1):
             self._free.put(torch.empty(size, dtype=torch.uint8))
+        self.fill_s = 0.0
+        """Seconds the fillers spent filling (summed over threads)."""
+        self.wait_s = 0.0
+        """Seconds the consumer waited for a filled chunk."""
         self._threads = [
             threading.Thread(target=self._produce, name=f"dcp-fill-{k}", daemon=True)
             for k in range(min(producers, max(len(items), 1)))
@@ -214,7 +229,9 @@ class _Pipeline:
         held = None
         try:
             for _ in range(self._count):
+                t0 = time.perf_counter()
                 got = self._get(self._ready)
+                self.wait_s += time.perf_counter() - t0
                 if isinstance(got, BaseException):
                     raise got
                 if held is not None:
@@ -257,7 +274,10 @@ class _Pipeline:
                 if buf is None:
                     return
                 out = _chunk_view(buf, item)
+                t0 = time.perf_counter()
                 self._planner.fill_item(item, out)
+                with self._lock:
+                    self.fill_s += time.perf_counter() - t0
                 self._ready.put((item, out, buf))
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
             self._ready.put(e)  # before stopping the others: the consumer must see it

@@ -210,13 +210,14 @@ def write_dist_checkpoint(
     *,
     thread_count: int = 1,
     on_chunk: Callable[[ChunkWrite], None] | None = None,
-) -> None:
+) -> dict[str, float]:
     """Write a Megatron torch_dist checkpoint into the (existing, empty) folder ``path``.
 
     ``objects`` maps ShardedObject unique keys to their values (stored as
     ``torch.save([value])`` like megatron-core does); the common state is added here.
     ``thread_count`` threads fill chunks (in the order given) while the calling thread
     writes them: ``thread_count + 1`` buffers of the largest chunk are alive at most.
+    Returns where the time went (:attr:`PipelinedFileSystemWriter.timings`).
     """
     import torch.distributed.checkpoint as dcp
 
@@ -233,6 +234,7 @@ def write_dist_checkpoint(
     Path(path, MEGATRON_METADATA).write_text(
         json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
     )
+    return dict(writer.timings)
 
 
 class _RegionLoadPlanner(LoadPlanner):

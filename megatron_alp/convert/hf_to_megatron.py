@@ -67,6 +67,9 @@ class ConversionReport:
     bytes_read: int
     bytes_written: int
     seconds: float
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Where the time went, where the converter measures it (HF -> Megatron: ``fill``,
+    ``wait``, ``write``, ``fsync`` of the writer, ``setup`` before it, ``finish`` after)."""
 
     @property
     def read_gbps(self) -> float:
@@ -324,7 +327,8 @@ def convert_hf_to_megatron(
         bar = _progress(total, f"hf->megatron {hf_dir.name}", progress)
         try:
             with _single_threaded_torch():
-                write_dist_checkpoint(
+                t_write = time.perf_counter()
+                timings = write_dist_checkpoint(
                     tmp, chunks, objects, thread_count=thread_count,
                     on_chunk=(lambda c: bar.update(c.nbytes)) if bar is not None else None,
                 )
@@ -332,6 +336,7 @@ def convert_hf_to_megatron(
             hf.close()
             if bar is not None:
                 bar.close()
+        t_written = time.perf_counter()
         copy_hf_assets(hf_dir, tmp / HF_ASSETS_DIR)
         provenance = {
             "format": "megatron_alp.convert/1",
@@ -358,6 +363,7 @@ def convert_hf_to_megatron(
         bytes_read=read_bytes,
         bytes_written=total,
         seconds=time.perf_counter() - t0,
+        timings={"setup": t_write - t0, **timings, "finish": time.perf_counter() - t_written},
     )
 
 
