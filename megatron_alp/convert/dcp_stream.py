@@ -33,6 +33,7 @@ chunk shape and dtype) and ``item_written(write_item)`` (progress); see
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import queue
 import sys
@@ -43,6 +44,7 @@ from typing import Any
 
 import torch
 from torch.futures import Future
+from torch.utils.serialization import config as serialization_config
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
@@ -83,6 +85,118 @@ class _FdStream:
 
     def flush(self) -> None:
         pass
+
+    def align(self) -> None:
+        """Nothing to align through the page cache."""
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+
+
+BLOCK = 4096
+"""O_DIRECT transfers: file offsets, lengths and memory addresses are multiples of this."""
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` whose memory starts at a multiple of :data:`BLOCK`."""
+    raw = torch.empty(nbytes + BLOCK, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % BLOCK
+    return raw[skip : skip + nbytes]
+
+
+class _DirectStream:
+    """Writes through ``O_DIRECT``: from the chunk buffers straight to the disk, no page
+    cache. Small writes (zip headers, byte objects, tails) are staged in an aligned buffer
+    and go out in whole blocks; a large write whose memory and file position are both
+    block-aligned goes out from its own memory. ``torch.save`` is run with
+    ``storage_alignment`` = :data:`BLOCK` and every tensor item starts at a block boundary
+    (:meth:`align` pads with zeros between items, outside any item), so each tensor's bytes
+    are such a write. :meth:`close` writes the last partial block and truncates the file
+    to its logical end.
+
+    Why: on this project's VM a buffered write of fresh pages ran at 0.5-1 GB/s (the page
+    cache's memory is first touched on the host), O_DIRECT at 2.2 GB/s, steadily."""
+
+    STAGE = 4 * 1024**2
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+        """Logical end of the file (what the next byte's offset is)."""
+        self._stage = aligned_empty(self.STAGE)
+        self._stage_view = memoryview(self._stage.numpy())
+        self._staged = 0
+        """Bytes in the stage; it holds file bytes ``[pos - staged, pos)``, starting on a block."""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self._staged % BLOCK == 0 and n >= BLOCK and _address(view) % BLOCK == 0:
+            self._flush_blocks()
+            whole = n - n % BLOCK
+            self._write_all(view[:whole])
+            self.pos += whole
+            view = view[whole:]
+        while len(view):
+            k = min(len(view), self.STAGE - self._staged)
+            self._stage_view[self._staged : self._staged + k] = view[:k]
+            self._staged += k
+            self.pos += k
+            view = view[k:]
+            if self._staged == self.STAGE:
+                self._flush_blocks()
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def align(self) -> None:
+        """Pad with zeros to the next block boundary (the next item starts there)."""
+        pad = (-self.pos) % BLOCK
+        if pad:
+            self.write(bytes(pad))
+
+    def _flush_blocks(self) -> None:
+        """Write the stage's whole blocks; keep the partial one at its start."""
+        whole = self._staged - self._staged % BLOCK
+        if whole:
+            self._write_all(self._stage_view[:whole])
+            rest = self._staged - whole
+            self._stage_view[:rest] = self._stage_view[whole : self._staged]
+            self._staged = rest
+
+    def _write_all(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            done += os.write(self.fd, view[done:])
+
+    def close(self) -> None:
+        """Write the last partial block (zero-padded), cut the file to ``pos``, fsync."""
+        end = self.pos
+        self.align()
+        self._flush_blocks()
+        os.ftruncate(self.fd, end)
+        os.fsync(self.fd)
+
+
+def _address(view: memoryview) -> int:
+    """Memory address of a contiguous buffer (where O_DIRECT will read from)."""
+    import numpy as np  # torch's own dependency; reads the address of read-only buffers too
+
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+
+
+def _open_output(path: Path, direct: bool | None) -> tuple[int, bool]:
+    """Create ``path`` for writing: (fd, O_DIRECT?). ``direct`` None tries O_DIRECT and
+    falls back where the file system refuses it (tmpfs, some network file systems)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    if direct is not False and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError as e:
+            if direct or e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o644), False
 
 
 class _WriteBehind:
@@ -130,6 +244,7 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         producers: int = 1,
         sync_bytes: int = DEFAULT_SYNC_BYTES,
         crc32: bool = False,
+        direct: bool | None = None,
     ) -> None:
         super().__init__(str(path), single_file_per_rank=True, sync_files=True, thread_count=1)
         if producers < 1:
@@ -137,6 +252,9 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         self.producers = producers
         self.sync_bytes = sync_bytes
         self.crc32 = crc32
+        self.direct = direct
+        """O_DIRECT: None = where the file system allows it; True = required; False = never."""
+        self.used_direct: bool | None = None
         self.timings: dict[str, float] = {}
         """Seconds spent, after a save: ``fill`` (filling threads, summed), ``wait`` (the
         writing thread waiting for a filled chunk), ``write`` (torch.save + write(2)),
@@ -145,12 +263,13 @@ class PipelinedFileSystemWriter(FileSystemWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         path = Path(self.path) / name
-        previous = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(self.crc32)
+        config = serialization_config.save
+        previous = config.compute_crc32, config.storage_alignment
+        config.compute_crc32 = self.crc32
         try:
             results = self._write_file(path, name, plan.items, planner)
         finally:
-            torch.serialization.set_crc32_options(previous)
+            config.compute_crc32, config.storage_alignment = previous
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
@@ -161,30 +280,34 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         tensors = [i for i in items if i.type != WriteItemType.BYTE_IO]
         objects = [i for i in items if i.type == WriteItemType.BYTE_IO]
         results: list[WriteResult] = []
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd, self.used_direct = _open_output(path, self.direct)
+        if self.used_direct:  # every tensor's bytes start on a block (see _DirectStream)
+            serialization_config.save.storage_alignment = BLOCK
         try:
-            stream = _FdStream(fd)
+            stream = _DirectStream(fd) if self.used_direct else _FdStream(fd)
             for item in objects:
                 data = planner.resolve_data(item)
                 offset = stream.pos
                 stream.write(data.getbuffer())
                 results.append(_result(item, name, offset, stream.pos - offset))
-            behind = _WriteBehind(fd, self.sync_bytes)
+            behind = None if self.used_direct else _WriteBehind(fd, self.sync_bytes)
             pipeline = _Pipeline(tensors, planner, self.producers)
             write_s = 0.0
             try:
                 for item, tensor in pipeline:
                     t0 = time.perf_counter()
+                    stream.align()
                     offset = stream.pos
                     torch.save(tensor, stream)
                     results.append(_result(item, name, offset, stream.pos - offset))
-                    behind.written(stream.pos)
+                    if behind is not None:
+                        behind.written(stream.pos)
                     write_s += time.perf_counter() - t0
                     planner.item_written(item)
             finally:  # a write error or a signal: stop the fillers before the caller cleans up
                 pipeline.close()
             t0 = time.perf_counter()
-            os.fsync(fd)
+            stream.close()
             self.timings = {"fill": pipeline.fill_s, "wait": pipeline.wait_s, "write": write_s,
                             "fsync": time.perf_counter() - t0}
         finally:
@@ -213,7 +336,7 @@ class _Pipeline:
         self._free: queue.Queue = queue.Queue()
         size = max((chunk_nbytes(i) for i in items), default=0)
         for _ in range(min(producers, max(len(items), 1)) + 1):
-            self._free.put(torch.empty(size, dtype=torch.uint8))
+            self._free.put(aligned_empty(size))  # aligned: O_DIRECT writes from it
         self.fill_s = 0.0
         """Seconds the fillers spent filling (summed over threads)."""
         self.wait_s = 0.0

@@ -210,6 +210,7 @@ def write_dist_checkpoint(
     *,
     thread_count: int = 1,
     on_chunk: Callable[[ChunkWrite], None] | None = None,
+    direct: bool | None = None,
 ) -> dict[str, float]:
     """Write a Megatron torch_dist checkpoint into the (existing, empty) folder ``path``.
 
@@ -217,14 +218,15 @@ def write_dist_checkpoint(
     ``torch.save([value])`` like megatron-core does); the common state is added here.
     ``thread_count`` threads fill chunks (in the order given) while the calling thread
     writes them: ``thread_count + 1`` buffers of the largest chunk are alive at most.
-    Returns where the time went (:attr:`PipelinedFileSystemWriter.timings`).
+    ``direct``: O_DIRECT writes (None: where the file system allows them). Returns where
+    the time went (:attr:`PipelinedFileSystemWriter.timings`).
     """
     import torch.distributed.checkpoint as dcp
 
     objs = {k: [v] for k, v in objects.items()}
     objs.setdefault(COMMON_STATE_KEY, [{}])
     planner = _ProducingSavePlanner(chunks, objs, on_chunk)
-    writer = PipelinedFileSystemWriter(path, producers=thread_count)
+    writer = PipelinedFileSystemWriter(path, producers=thread_count, direct=direct)
     try:
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     except BaseException:
