@@ -10,7 +10,9 @@ fresh process (peak RSS from ``wait4``'s ``ru_maxrss``):
 * ``import``: a process that only imports ``megatron_alp.convert.hf_to_megatron`` (the
   RSS floor, measured the same way);
 * rounds of, in this order: **cold read** (plain sequential read of the safetensors
-  files, 64 MiB buffer), **cold hf->megatron** (``convert_hf_to_megatron``, dtype kept),
+  files, 64 MiB buffer), **cold user-space copy** (read them into a 64 MiB buffer and
+  write them out, fsync: what any converter must at least do through user space),
+  **cold hf->megatron** (``convert_hf_to_megatron``, dtype kept, with its own timings),
   **warm read**, **warm hf->megatron**;
 * once at the end (warm): a plain copy of the files (``shutil.copyfile`` + fsync) and
   ``megatron->hf`` (bf16, 5 GB shards), unless ``--no-extras``.
@@ -20,8 +22,8 @@ the step: fsync, then ``posix_fadvise(POSIX_FADV_DONTNEED)`` on each file (the g
 cache is never dropped: the machine is shared). The share of their bytes still resident
 afterwards (util-linux ``fincore``) is printed to show the eviction worked. The output
 folder of a conversion is removed before each conversion. GB/s is checkpoint bytes / the
-step's own time (interpreter start and imports excluded; the process wall time is listed
-too). Ratios are per round (the read and the conversion of the same round), min and
+step's own time (interpreter start and imports excluded; the process wall time and CPU
+seconds, imports included, are listed too). Ratios are per round (the read and the conversion of the same round), min and
 median over rounds. Prints markdown for BENCHMARKS.md.
 """
 
@@ -156,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b", help="model size (default 1b)")
     ap.add_argument("--rounds", type=int, default=3, help="paired rounds (default 3)")
-    ap.add_argument("--workdir", default=None, help="scratch folder (default: a new temp folder, removed after)")
+    ap.add_argument("--workdir", default=None, help="scratch folder (default: a new temp folder, removed after); an hf/ checkpoint already in it is reused")
     ap.add_argument("--threads", type=int, default=1, help="producer threads for hf->megatron (default 1)")
     ap.add_argument("--no-extras", action="store_true", help="skip the copy and megatron->hf steps")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
