@@ -18,12 +18,16 @@ included. How it writes:
   the size of the largest chunk, while the calling thread writes a filled one and hands
   its buffer back. Peak memory is the pool: 2 chunks by default, whatever the model.
 * Every tensor is written from its buffer to the file without a copy in user space
-  (``torch.save`` to an unbuffered stream passes the storage as one memoryview).
+  (``torch.save`` to an unbuffered stream passes the storage as one memoryview). Where
+  the file system allows it, with ``O_DIRECT`` (:class:`_DirectStream`: tensor items
+  start on 4 KiB boundaries, so the tensor bytes go to the disk from the buffer itself
+  and the page cache is skipped).
 * ``torch.save`` leaves out the zip CRC-32 of its records (``crc32=False``, the default):
   ``torch.load`` never checks it (``tests/unit/test_convert_pipeline.py`` shows a flipped
   byte loading silently either way), and it costs one core ~0.2 s per GB.
-* Write-back to the disk is started every ``sync_bytes`` written (``sync_file_range``), so
-  it overlaps the conversion instead of all of it waiting in the final fsync.
+* Otherwise (tmpfs, ...) write-back to the disk is started every ``sync_bytes`` written
+  (``sync_file_range``), so it overlaps the conversion instead of all of it waiting in
+  the final fsync.
 
 The planner must offer ``fill_item(write_item, out)`` (fill the tensor ``out``, of the item's
 chunk shape and dtype) and ``item_written(write_item)`` (progress); see
