@@ -9,9 +9,10 @@ names (``self_attention.linear_qkv.layer_norm_weight``, megatron-core's
 ``sharded_state_dict_keys_map``). Every global tensor is stored as chunks; DCP reshards
 on load, so one set of chunks serves any TP / PP / virtual-PP layout.
 
-The writer drives DCP with a planner whose ``resolve_data`` *produces* each chunk when
-the storage writer asks for it (one at a time), so a conversion never holds more than a
-chunk; the reader asks DCP for chunk-sized regions of one key. No process group is
+The writer drives DCP with a planner that *fills* each chunk into a buffer when the
+storage writer (:class:`~megatron_alp.convert.dcp_stream.PipelinedFileSystemWriter`) asks
+for it, one chunk ahead of the one being written, so a conversion holds two chunks, not
+the model; the reader asks DCP for chunk-sized regions of one key. No process group is
 needed for either (``no_dist``), and nothing starts a process.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -51,6 +52,7 @@ from megatron_alp.convert.checks import (
     check_dist_checkpoint_files,
     resolve_checkpoint_dir,
 )
+from megatron_alp.convert.dcp_stream import PipelinedFileSystemWriter
 from megatron_alp.convert.mapping import TE_FUSED_NORMS
 
 __all__ = [
@@ -114,15 +116,16 @@ def _torch_bytes(obj: Any) -> io.BytesIO:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChunkWrite:
-    """One chunk of one global tensor, produced on demand."""
+    """One chunk of one global tensor, filled on demand."""
 
     key: str
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
-    """Returns the chunk's data (shape ``sizes``; cast to ``dtype`` by the writer)."""
+    fill: Callable[[torch.Tensor], None]
+    """Writes the chunk's data into the given contiguous tensor (shape ``sizes``, dtype
+    ``dtype``; a reused buffer: every element must be written)."""
 
     @property
     def nbytes(self) -> int:
@@ -176,21 +179,28 @@ class _ProducingSavePlanner(DefaultSavePlanner):
         self.plan = SavePlan(items)
         return self.plan
 
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
-        if write_item.type == WriteItemType.BYTE_IO:
-            return _torch_bytes(self._objects[write_item.index.fqn])
-        c = self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+    def resolve_data(self, write_item: WriteItem) -> io.BytesIO:
+        if write_item.type != WriteItemType.BYTE_IO:
+            raise AssertionError("tensor chunks are filled with fill_item, not resolve_data")
+        return _torch_bytes(self._objects[write_item.index.fqn])
+
+    def _chunk(self, write_item: WriteItem) -> ChunkWrite:
+        return self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+
+    def fill_item(self, write_item: WriteItem, out: torch.Tensor) -> None:
+        """Fill ``out`` (the chunk's shape and dtype) with the chunk's data."""
+        c = self._chunk(write_item)
+        if tuple(out.shape) != tuple(c.sizes) or out.dtype != c.dtype:
+            raise AssertionError(f"{c.key}@{c.offsets}: buffer {out.dtype} {tuple(out.shape)}, planned {c.dtype} {c.sizes}")
         try:
-            data = c.produce()
+            c.fill(out)
         except BaseException as e:
             self.error = e
             raise
-        if tuple(data.shape) != tuple(c.sizes):
-            raise AssertionError(f"{c.key}@{c.offsets}: produced {tuple(data.shape)}, planned {c.sizes}")
-        data = data.detach().to(c.dtype).contiguous()
+
+    def item_written(self, write_item: WriteItem) -> None:
         if self._on_chunk is not None:
-            self._on_chunk(c)
-        return data
+            self._on_chunk(self._chunk(write_item))
 
 
 def write_dist_checkpoint(
@@ -200,21 +210,23 @@ def write_dist_checkpoint(
     *,
     thread_count: int = 1,
     on_chunk: Callable[[ChunkWrite], None] | None = None,
-) -> None:
+    direct: bool | None = None,
+) -> dict[str, float]:
     """Write a Megatron torch_dist checkpoint into the (existing, empty) folder ``path``.
 
     ``objects`` maps ShardedObject unique keys to their values (stored as
     ``torch.save([value])`` like megatron-core does); the common state is added here.
-    Chunks are produced one at a time per writer thread, in the order given.
+    ``thread_count`` threads fill chunks (in the order given) while the calling thread
+    writes them: ``thread_count + 1`` buffers of the largest chunk are alive at most.
+    ``direct``: O_DIRECT writes (None: where the file system allows them). Returns where
+    the time went (:attr:`PipelinedFileSystemWriter.timings`).
     """
     import torch.distributed.checkpoint as dcp
 
     objs = {k: [v] for k, v in objects.items()}
     objs.setdefault(COMMON_STATE_KEY, [{}])
     planner = _ProducingSavePlanner(chunks, objs, on_chunk)
-    writer = FileSystemWriter(
-        str(path), single_file_per_rank=True, sync_files=True, thread_count=thread_count
-    )
+    writer = PipelinedFileSystemWriter(path, producers=thread_count, direct=direct)
     try:
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     except BaseException:
@@ -224,6 +236,7 @@ def write_dist_checkpoint(
     Path(path, MEGATRON_METADATA).write_text(
         json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
     )
+    return dict(writer.timings)
 
 
 class _RegionLoadPlanner(LoadPlanner):

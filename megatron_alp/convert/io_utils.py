@@ -86,13 +86,25 @@ def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike, *, skip: tupl
     return copied
 
 
-def load_hf_config(folder: str | os.PathLike, *, flag: str = "config") -> Any:
+def load_hf_config(folder: str | os.PathLike, *, flag: str = "config", plain: bool = False) -> Any:
     """``transformers.AutoConfig`` of a local folder (never downloads); ValueError naming
-    the file when transformers rejects it."""
+    the file when transformers rejects it.
+
+    ``plain``: if ``config.json`` states every field the converters read
+    (:func:`~megatron_alp.models.hf.explicit_hf_config`), return it as a plain attribute
+    object without importing transformers (~1 s); otherwise fall back to AutoConfig. Only
+    for callers that need the architecture, not a ``PretrainedConfig``.
+    """
+    folder = Path(folder)
+    cfg = check_hf_folder(folder, flag=flag)
+    if plain:
+        from megatron_alp.models.hf import explicit_hf_config
+
+        explicit = explicit_hf_config(cfg)
+        if explicit is not None:
+            return explicit
     import transformers
 
-    folder = Path(folder)
-    check_hf_folder(folder, flag=flag)
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers / huggingface_hub raise many kinds

@@ -438,6 +438,29 @@ class ModelMapping:
             row += self._hf_shape[h][0]
         return out
 
+    def row_map(self, name: str) -> list[tuple[str, int, int, int]]:
+        """Where the rows of the HF tensors go in canonical tensor ``name``:
+        ``[(hf_name, hf_row0, hf_row1, canonical_row0)]``, contiguous runs of rows in
+        canonical order, tiling rows ``[0, n)``; rows after that (vocabulary padding) are
+        zeros. Every layout is a row permutation along dim 0, so a converter can read
+        each run from the file straight into its place (QKV: three runs per query group)
+        instead of concatenating; :meth:`to_megatron` is the same map applied to tensors.
+        """
+        e = self._by_megatron[self.canonical(name)]
+        if e.rule.layout != "qkv":
+            return [(h, 0, self._hf_shape[h][0], row) for h, row in self.row_pieces(name)]
+        ng, per, d = _qkv_groups(self.args)
+        q, k, v = e.hf
+        out = []
+        for g in range(ng):
+            base = g * (per + 2) * d
+            out += [
+                (q, g * per * d, (g + 1) * per * d, base),
+                (k, g * d, (g + 1) * d, base + per * d),
+                (v, g * d, (g + 1) * d, base + (per + 1) * d),
+            ]
+        return out
+
 
 def model_mapping(hf_config: Any, *, make_vocab_size_divisible_by: int = 128) -> ModelMapping:
     """The :class:`ModelMapping` of an HF config object (``AutoConfig`` or alike)."""

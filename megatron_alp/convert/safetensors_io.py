@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -138,6 +139,8 @@ class HFSafetensors:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
+        self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()
         if not self.folder.is_dir():
             raise ValueError(f"HF checkpoint folder {self.folder} does not exist")
         index = self.folder / INDEX_NAME
@@ -213,33 +216,82 @@ class HFSafetensors:
         """Tensor ``name`` (or its rows ``[r0, r1)`` along dim 0), freshly allocated."""
         info = self.info(name)
         shape = list(info.shape)
-        offset, nbytes = info.begin, info.nbytes
         if rows is not None:
+            self._check_rows(name, rows)
+            shape[0] = rows[1] - rows[0]
+        out = torch.empty(shape, dtype=info.dtype)
+        self.read_into(name, out, rows)
+        return out
+
+    def _check_rows(self, name: str, rows: tuple[int, int]) -> None:
+        shape = self.info(name).shape
+        r0, r1 = rows
+        if not shape or not 0 <= r0 <= r1 <= shape[0]:
+            raise ValueError(f"{name}: rows {rows} outside shape {tuple(shape)}")
+
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Read tensor ``name`` (or its rows ``[r0, r1)``) straight into ``out``: a
+        contiguous CPU tensor of the stored dtype and the matching shape. No temporary:
+        the bytes go from the file into ``out``'s memory (positional reads, safe to call
+        from several threads)."""
+        info = self.info(name)
+        offset, nbytes = info.begin, info.nbytes
+        shape = list(info.shape)
+        if rows is not None:
+            self._check_rows(name, rows)
             r0, r1 = rows
-            if not shape or not 0 <= r0 <= r1 <= shape[0]:
-                raise ValueError(f"{name}: rows {rows} outside shape {tuple(shape)}")
             row_bytes = nbytes // shape[0] if shape[0] else 0
             offset += r0 * row_bytes
             nbytes = (r1 - r0) * row_bytes
             shape[0] = r1 - r0
-        out = torch.empty(shape, dtype=info.dtype)
-        if nbytes:
-            buf = _as_bytes(out)
-            got = 0
-            with open(info.file, "rb", buffering=0) as f:
-                f.seek(offset)
-                # One read(2) returns at most ~2 GiB on Linux: loop.
-                while got < nbytes:
-                    n = f.readinto(buf[got:])
-                    if not n:
-                        break
-                    got += n
-            if got != nbytes:
-                raise ValueError(
-                    f"{info.file}: short read of tensor {name}: expected {nbytes} bytes at offset "
-                    f"{offset}, got {got} (the file changed or is truncated)"
-                )
-        return out
+        if out.dtype != info.dtype or list(out.shape) != shape or not out.is_contiguous():
+            raise AssertionError(
+                f"read_into {name}: out is {out.dtype} {tuple(out.shape)} (contiguous="
+                f"{out.is_contiguous()}), expected contiguous {info.dtype} {tuple(shape)}"
+            )
+        if not nbytes:
+            return
+        buf = _as_bytes(out)
+        fd = self._fd(info.file)
+        got = 0
+        while got < nbytes:  # one read(2) returns at most ~2 GiB on Linux: loop
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if not n:
+                break
+            got += n
+        if got != nbytes:
+            raise ValueError(
+                f"{info.file}: short read of tensor {name}: expected {nbytes} bytes at offset "
+                f"{offset}, got {got} (the file changed or is truncated)"
+            )
+
+    def _fd(self, path: Path) -> int:
+        """One read-only descriptor per file, opened on first use (closed by :meth:`close`)."""
+        with self._fd_lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if hasattr(os, "posix_fadvise"):  # larger read-ahead for streaming reads
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[path] = fd
+            return fd
+
+    def close(self) -> None:
+        """Close the file descriptors :meth:`read` opened (reading again reopens them)."""
+        with self._fd_lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def __enter__(self) -> "HFSafetensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
 
 
 def plan_shards(

@@ -29,6 +29,7 @@ __all__ = [
     "ARCHITECTURES",
     "GPTArgs",
     "RopeScaling",
+    "explicit_hf_config",
     "gpt_args_from_hf",
     "padded_vocab_size",
     "supported_model_types",
@@ -157,6 +158,68 @@ ARCHITECTURES: dict[str, Callable[[Any], GPTArgs]] = {
     "qwen3": _qwen3,
     "llama": _llama,
 }
+
+
+_EXPLICIT_INT = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings")
+_FALSE_BY_DEFAULT = ("use_sliding_window", "mlp_bias", "attention_bias")
+
+
+def explicit_hf_config(cfg: dict[str, Any]) -> Any | None:
+    """``config.json``'s dict as a plain attribute object, *if* it states explicitly, with
+    the right JSON types, every field that :func:`gpt_args_from_hf` reads and whose
+    transformers default could differ from this module's; else None (load it with
+    transformers). Saves importing transformers (~1 s) where the file says it all.
+
+    Explicit: ``model_type`` (supported), the sizes, ``rms_norm_eps``, ``hidden_act``,
+    ``tie_word_embeddings``, the rotary base (``rope_theta`` or
+    ``rope_parameters.rope_theta``) and, for qwen3 (transformers' default 128),
+    ``head_dim``. ``use_sliding_window`` / ``mlp_bias`` / ``attention_bias`` default to False
+    in transformers and here. ``tests/unit/test_convert_pipeline.py`` checks that both
+    routes give equal :class:`GPTArgs` for each architecture.
+    """
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if cfg.get("model_type") not in ARCHITECTURES:
+        return None
+    if not all(is_int(cfg.get(k)) for k in _EXPLICIT_INT):
+        return None
+    if not is_num(cfg.get("rms_norm_eps")) or not isinstance(cfg.get("hidden_act"), str):
+        return None
+    if not isinstance(cfg.get("tie_word_embeddings"), bool):
+        return None
+    if not all(isinstance(cfg.get(k, False), bool) for k in _FALSE_BY_DEFAULT):
+        return None
+    if "initializer_range" in cfg and not is_num(cfg["initializer_range"]):
+        return None
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and not is_int(head_dim):
+        return None
+    if cfg["model_type"] == "qwen3" and head_dim is None:
+        return None
+    params, legacy = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if params is not None and legacy is not None:
+        return None  # transformers merges them; leave that to it
+    if params is not None:
+        if not isinstance(params, dict) or not is_num(params.get("rope_theta")):
+            return None
+    else:
+        if legacy is not None and not isinstance(legacy, dict):
+            return None
+        if not is_num(cfg.get("rope_theta")):
+            return None
+    return _Attributes(cfg)
+
+
+class _Attributes:
+    """A JSON object read through attributes (absent keys are absent attributes)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
 
 
 def supported_model_types() -> list[str]:

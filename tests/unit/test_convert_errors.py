@@ -92,23 +92,23 @@ def test_non_empty_target_needs_force(tmp_path):
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     src = random_hf_model(tmp_path / "hf", model_type="llama", tie=True)
     calls = {"n": 0}
-    real = safetensors_io.HFSafetensors.read
+    real = safetensors_io.HFSafetensors.read_into
 
-    def flaky(self, name, rows=None):
+    def flaky(self, name, out, rows=None):
         calls["n"] += 1
         if calls["n"] == 12:
-            raise KeyboardInterrupt  # e.g. Ctrl-C half-way through
-        return real(self, name, rows)
+            raise KeyboardInterrupt  # e.g. Ctrl-C half-way through (in a reading thread)
+        return real(self, name, out, rows)
 
-    monkeypatch.setattr(safetensors_io.HFSafetensors, "read", flaky)
+    monkeypatch.setattr(safetensors_io.HFSafetensors, "read_into", flaky)
     with pytest.raises(KeyboardInterrupt):
         convert_hf_to_megatron(src, tmp_path / "out", progress=False)
     assert no_output(tmp_path, "out")
     # A previous complete checkpoint survives a failed --force run.
-    monkeypatch.setattr(safetensors_io.HFSafetensors, "read", real)
+    monkeypatch.setattr(safetensors_io.HFSafetensors, "read_into", real)
     convert_hf_to_megatron(src, tmp_path / "out", progress=False)
     calls["n"] = 0
-    monkeypatch.setattr(safetensors_io.HFSafetensors, "read", flaky)
+    monkeypatch.setattr(safetensors_io.HFSafetensors, "read_into", flaky)
     with pytest.raises(KeyboardInterrupt):
         convert_hf_to_megatron(src, tmp_path / "out", progress=False, force=True)
     assert (tmp_path / "out" / "metadata.json").exists() and not list(tmp_path.glob(".out.*"))

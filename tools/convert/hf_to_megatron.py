@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier output of this tool (never anything else)")
     p.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128,
                    help="pad the vocabulary to a multiple of this (must match the training run; default 128)")
-    p.add_argument("--threads", type=positive_int, default=1, help="writer threads (each holds one chunk in memory; default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="threads that read and assemble chunks while the main thread writes (threads + 1 chunk buffers in memory; default 1)")
     p.add_argument("--allow-non-finite", action="store_true", help="convert NaN / inf weights instead of refusing them")
     p.add_argument("--allow-non-float", action="store_true", help="convert integer (quantised) weights instead of refusing them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on conversions of 256 MiB or more)")
