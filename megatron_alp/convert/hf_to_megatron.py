@@ -272,6 +272,7 @@ def convert_hf_to_megatron(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     allow_non_float: bool = False,
     allow_non_finite: bool = False,
+    direct_io: str = "auto",
     say: Callable[[str], None] | None = None,
 ) -> ConversionReport:
     """Convert an HF folder into a Megatron dist checkpoint at ``out_dir`` (see module doc).
@@ -280,7 +281,9 @@ def convert_hf_to_megatron(
     cast. ``force`` replaces an earlier output of this converter (never anything else; see
     :mod:`megatron_alp.io_safety`). ``thread_count`` threads read and assemble chunks
     while the calling thread writes (``thread_count + 1`` chunk buffers). Integer / NaN / inf weights are refused unless ``allow_non_float`` /
-    ``allow_non_finite``. ``say`` receives notes (stale temporary folders removed).
+    ``allow_non_finite``. ``direct_io``: ``"auto"`` writes with O_DIRECT where the file
+    system accepts it, ``"on"`` requires it, ``"off"`` always writes through the page cache
+    (for file systems whose O_DIRECT misbehaves). ``say`` receives notes (stale temporary folders removed).
     Raises ValueError naming the file / tensor / value for bad input.
     """
     t0 = time.perf_counter()
@@ -288,6 +291,9 @@ def convert_hf_to_megatron(
     out_dtype = parse_dtype(dtype)
     if not isinstance(thread_count, int) or thread_count < 1:
         raise ValueError(f"--threads={thread_count!r}: expected a positive integer")
+    direct = {"auto": None, "on": True, "off": False}.get(direct_io, "bad")
+    if direct == "bad":
+        raise ValueError(f"--direct-io={direct_io!r}: expected auto, on or off")
     if not isinstance(make_vocab_size_divisible_by, int) or make_vocab_size_divisible_by < 1:
         raise ValueError(
             f"--make-vocab-size-divisible-by={make_vocab_size_divisible_by!r}: expected a positive integer"
@@ -329,7 +335,7 @@ def convert_hf_to_megatron(
             with _single_threaded_torch():
                 t_write = time.perf_counter()
                 timings = write_dist_checkpoint(
-                    tmp, chunks, objects, thread_count=thread_count,
+                    tmp, chunks, objects, thread_count=thread_count, direct=direct,
                     on_chunk=(lambda c: bar.update(c.nbytes)) if bar is not None else None,
                 )
         finally:

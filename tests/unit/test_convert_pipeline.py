@@ -234,3 +234,16 @@ def test_config_without_an_explicit_field_goes_through_transformers(tmp_path, dr
     assert explicit_hf_config(cfg) is None
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert type(load_hf_config(tmp_path, plain=True)).__module__.startswith("transformers")
+
+
+def test_direct_io_flag_parses_and_a_bad_value_is_refused(tmp_path):
+    """--direct-io auto|on|off parses (auto by default), and a bad
+    value is one ValueError naming the flag."""
+    import tools.convert.hf_to_megatron as cli
+
+    assert cli.parse_args(["--hf", "a", "--out", "b"]).direct_io == "auto"
+    assert cli.parse_args(["--hf", "a", "--out", "b", "--direct-io", "off"]).direct_io == "off"
+    from megatron_alp.convert.hf_to_megatron import convert_hf_to_megatron
+
+    with pytest.raises(ValueError, match="--direct-io='sometimes'"):
+        convert_hf_to_megatron(tmp_path / "none", tmp_path / "out", direct_io="sometimes")

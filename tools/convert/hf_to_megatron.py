@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=128,
                    help="pad the vocabulary to a multiple of this (must match the training run; default 128)")
     p.add_argument("--threads", type=positive_int, default=1, help="threads that read and assemble chunks while the main thread writes (threads + 1 chunk buffers in memory; default 1)")
+    p.add_argument("--direct-io", choices=("auto", "on", "off"), default="auto",
+                   help="write the checkpoint with O_DIRECT (skipping the page cache): auto where the "
+                        "file system accepts it, on (required), off (always buffered; use it if a "
+                        "network file system misbehaves with O_DIRECT); default auto")
     p.add_argument("--allow-non-finite", action="store_true", help="convert NaN / inf weights instead of refusing them")
     p.add_argument("--allow-non-float", action="store_true", help="convert integer (quantised) weights instead of refusing them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown on conversions of 256 MiB or more)")
@@ -66,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         allow_non_finite=args.allow_non_finite,
         allow_non_float=args.allow_non_float,
+        direct_io=args.direct_io,
     )
     print(finish_line(PROG, f"{report.model_type}, {report.tensors} tensors", report.bytes_written,
                       report.seconds, report.target), flush=True)
