@@ -326,7 +326,7 @@ class _Exporter:
             self.profile[phase] = self.profile.get(phase, 0.0) + t - t0
         return t
 
-    def _views(self, k: int, flat: torch.Tensor, offset: int) -> list[tuple[str, torch.Tensor]]:
+    def slot_views(self, k: int, flat: torch.Tensor, offset: int) -> list[tuple[str, torch.Tensor]]:
         return _hf_views(self.mapping, self.plan.names[k], flat[offset : offset + self.plan.numel[k]])
 
     # -- TP ranks > 0 ------------------------------------------------------------------
@@ -442,7 +442,7 @@ class _Exporter:
         """TP rank 0 of a stage other than the sender's: fill and send its slots of ``b``."""
         if not self.own[b]:
             return
-        views_of = {k: [v for _, v in self._views(k, self.stage_buf(), self.stage_offset[k])]
+        views_of = {k: [v for _, v in self.slot_views(k, self.stage_buf(), self.stage_offset[k])]
                     for k in self.own[b]}
         self.fill_bucket(b, views_of)
         t0 = time.perf_counter()
@@ -520,7 +520,7 @@ def export_hf_buckets(
         views_of: dict[int, list[torch.Tensor]] = {}
         received = []
         for k in (k for k, kb in enumerate(plan.bucket_of) if kb == b):
-            views = ex._views(k, flat, plan.offset[k])
+            views = ex.slot_views(k, flat, plan.offset[k])
             bucket.extend(views)
             if plan.owner_pp[k] == pp_rank:
                 views_of[k] = [v for _, v in views]
