@@ -280,7 +280,8 @@ class _Exporter:
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_ranks = [dist.get_global_rank(self.tp_group, r) for r in range(self.tp_size)]
-        pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pp_rank = pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         first_replica = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
         # Every buffer lives where the model does (cuda under NCCL), not on the default
         # device: NCCL rejects CPU tensors.
@@ -330,6 +331,7 @@ class _Exporter:
         return _hf_views(self.mapping, self.plan.names[k], flat[offset : offset + self.plan.numel[k]])
 
     # -- TP ranks > 0 ------------------------------------------------------------------
+    @torch.no_grad()
     def send_bucket(self, b: int) -> None:
         """Cast this rank's pieces of each tensor of bucket ``b`` and send them to TP rank 0
         (the next tensor is cast while the previous one's pieces are in flight)."""
@@ -438,6 +440,7 @@ class _Exporter:
                 for dst, src in _pieces(self.mapping, name, views_of[k], shard, r, size, dim, self.chunk):
                     yield k, r, dst, tuple(src.shape)
 
+    @torch.no_grad()
     def stage_bucket(self, b: int) -> None:
         """TP rank 0 of a stage other than the sender's: fill and send its slots of ``b``."""
         if not self.own[b]:
@@ -451,6 +454,33 @@ class _Exporter:
         self.stage_sends = []
         self.tick("stage_wait", t0)
 
+    @torch.no_grad()
+    def src_bucket(self, b: int, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The sending rank: bucket ``b`` filled into ``flat``, as (HF name, view) pairs."""
+        t0 = time.perf_counter()
+        plan = self.plan
+        bucket: list[tuple[str, torch.Tensor]] = []
+        views_of: dict[int, list[torch.Tensor]] = {}
+        received = []
+        for k in (k for k, kb in enumerate(plan.bucket_of) if kb == b):
+            views = self.slot_views(k, flat, plan.offset[k])
+            bucket.extend(views)
+            if plan.owner_pp[k] == self.pp_rank:
+                views_of[k] = [v for _, v in views]
+            else:
+                # The holder is the owner stage's rank in src's own pipeline group (same
+                # TP rank 0, same replica); its staging slot has this slot's layout.
+                holder = dist.get_global_rank(self.pp_group, plan.owner_pp[k])
+                slot = flat[plan.offset[k] : plan.offset[k] + plan.numel[k]]
+                received.append(dist.irecv(slot, src=holder))
+        self.tick("recv_post", t0)
+        self.fill_bucket(b, views_of)
+        t0 = time.perf_counter()
+        for w in received:
+            w.wait()
+        self.tick("stage_wait", t0)
+        return bucket
+
     def stage_buf(self) -> torch.Tensor:
         return self.bufs.get("stage", self.stage_numel, self.dtype, self.device)
 
@@ -463,7 +493,6 @@ class _Exporter:
         self.tick("drain", t0)
 
 
-@torch.no_grad()
 def export_hf_buckets(
     chunks: Sequence[torch.nn.Module],
     hf_config: Any,
@@ -498,8 +527,6 @@ def export_hf_buckets(
         )
     ex = _Exporter(mapping, plan, local, dtype=dtype, bucket_bytes=bucket_bytes, src_rank=src_rank,
                    bufs=buffers if buffers is not None else ExportBuffers(), profile=profile)
-    pp_rank = ps.get_pipeline_model_parallel_rank()
-    pp_group = ps.get_pipeline_model_parallel_group()
     for b, numel in enumerate(plan.bucket_numel):
         if not is_src:
             if tp_first:
@@ -515,28 +542,14 @@ def export_hf_buckets(
             flat = torch.empty(numel, dtype=dtype, device=ex.device)
         else:
             flat = buffers.get("bucket", max(plan.bucket_numel), dtype, ex.device)[:numel]
-        t0 = ex.tick("alloc", t0)
-        bucket: list[tuple[str, torch.Tensor]] = []
-        views_of: dict[int, list[torch.Tensor]] = {}
-        received = []
-        for k in (k for k, kb in enumerate(plan.bucket_of) if kb == b):
-            views = ex.slot_views(k, flat, plan.offset[k])
-            bucket.extend(views)
-            if plan.owner_pp[k] == pp_rank:
-                views_of[k] = [v for _, v in views]
-            else:
-                # The holder is the owner stage's rank in src's own pipeline group (same
-                # TP rank 0, same replica); its staging slot has this slot's layout.
-                slot = flat[plan.offset[k] : plan.offset[k] + plan.numel[k]]
-                received.append(dist.irecv(slot, src=dist.get_global_rank(pp_group, plan.owner_pp[k])))
-        ex.tick("recv_post", t0)
-        ex.fill_bucket(b, views_of)
-        t0 = time.perf_counter()
-        for w in received:
-            w.wait()
-        ex.tick("stage_wait", t0)
-        del received, views_of, flat
+        ex.tick("alloc", t0)
+        bucket = ex.src_bucket(b, flat)
+        del flat
         if b == len(plan.bucket_numel) - 1:
             ex.drain()
         yield bucket
-        del bucket  # a fresh buffer is made only after the consumer let go of this one
+        # The bucket is the only reference to its buffer here: a fresh buffer is made
+        # only after the consumer let go of this one (1 bucket alive, not 2). For the same
+        # reason the generator is not decorated with torch.no_grad(): its wrapper holds
+        # the last value yielded while it makes the next one (the methods are).
+        del bucket
