@@ -165,16 +165,16 @@ def _hf_views(mapping: ModelMapping, name: str, slot: torch.Tensor) -> list[tupl
     return out
 
 
+_CHUNKS_PER_BUCKET = 32
+"""Receive temporaries are 1/32 of a bucket each; ``_TEMPS`` of them: 1/8 of a bucket."""
+_TEMPS = 4
+
+
 def _chunk_numel(bucket_bytes: int, dtype: torch.dtype) -> int:
     """Elements per receive temporary: a dim-1 shard travels in row blocks of at most this
     size (at least one row), so the temporaries stay a small fraction of a bucket."""
     elem = torch.empty((), dtype=dtype).element_size()
     return max(1, bucket_bytes // (_CHUNKS_PER_BUCKET * elem))
-
-
-_CHUNKS_PER_BUCKET = 32
-"""Receive temporaries are 1/32 of a bucket each; ``_TEMPS`` of them: 1/8 of a bucket."""
-_TEMPS = 4
 
 
 def _pieces(
