@@ -1,36 +1,44 @@
 """Live export throughput: TP=2 model of ~1B parameters on CPU, against the raw transport.
 
-    python benchmarks/export_throughput.py [--layers 20] [--bucket-mb 512] [--rounds 3]
+    python benchmarks/export_throughput.py [--layers 20] [--bucket-mb 512] [--rounds 3] [--fresh-buffers]
 
 Spawns 2 gloo ranks (TP=2), builds a Qwen2-shaped model (hidden 2048, 16 heads / 4 KV
 heads, FFN 5504, vocab 32000; 20 layers ~ 1.0B parameters, fp32 master weights), runs a
-first (cold) export, then paired, interleaved rounds (A B A B ...) of
+first (cold) export, then paired, interleaved rounds (A B C A B C ...) of
 
-* A = export: ``export_hf_buckets`` end to end (TP gather over gloo, un-fusing, bf16
-  cast), consuming each bucket as an engine would (summing its bytes);
-* B = raw: the same TP shards, already in bf16, gathered onto TP rank 0 into buffers
-  allocated once — the bytes that must cross ranks, nothing else;
+* A = export: ``export_hf_buckets`` end to end (TP transfers over gloo, un-fusing, bf16
+  cast), consuming each bucket as an engine would (summing its bytes); with one
+  ``ExportBuffers`` kept across rounds as the trainer keeps it across syncs, or a fresh
+  buffer per bucket with ``--fresh-buffers``;
+* B = raw send/recv: TP rank 1's shards, already in bf16, sent point to point (all
+  posted at once) to TP rank 0 into buffers allocated once — the bytes that must cross
+  ranks, nothing else;
+* C = raw gather: the same shards gathered onto TP rank 0 with ``dist.gather`` (the
+  baseline of the first version of this benchmark; it also copies rank 0's own shards);
 
-and prints both times per round, the ratio raw / export (min, median), the peak extra
-RSS of the sending rank per round against the bucket bound (sampled every 5 ms), and a
-plain fp32 -> bf16 copy of the same tensors on one rank for reference.
+and prints the times per round, the ratios raw / export (min, median), the peak extra RSS
+of the sending rank per round above its RSS before the first export (the buffers kept
+between rounds included) against the bucket bound (sampled every 5 ms), the seconds
+each rank spends per phase inside the export, and a plain fp32 -> bf16 copy of the same
+tensors on one rank for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import threading
 import time
 
 
-def _body(layers: int, bucket_mb: int, rounds: int) -> dict | None:
+def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool) -> dict | None:
     import psutil
     import torch
     import torch.distributed as dist
 
     from megatron_alp import parallel
-    from megatron_alp.convert.live_export import export_hf_buckets
+    from megatron_alp.convert.live_export import ExportBuffers, export_hf_buckets
     from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
     from megatron_alp.models.tiny import tiny_hf_config
 
@@ -47,15 +55,25 @@ def _body(layers: int, bucket_mb: int, rounds: int) -> dict | None:
         n_params = sum(p.numel() for c in chunks for p in c.parameters()) * 2
         proc = psutil.Process()
         tp_group = ps.get_tensor_model_parallel_group()
-        # Raw transport baseline: the same TP shards in bf16 gathered onto TP rank 0 into
-        # buffers allocated once (no cast, no mapping, no buckets): what must cross ranks.
+        first, second = (dist.get_global_rank(tp_group, r) for r in range(2))
+        # Raw transport baselines: the same TP shards in bf16 (no cast, no mapping, no
+        # buckets), received into buffers allocated once: what must cross ranks.
         shards = [p.detach().to(torch.bfloat16) for c in chunks for p in c.parameters()
                   if getattr(p, "tensor_model_parallel", False)]
-        recv = [[torch.empty_like(t) for _ in range(2)] for t in shards] if info.tp_rank == 0 else None
+        # zeros, not empty: their pages are touched now, so that they are not counted as the
+        # export's extra RSS after the first raw round
+        recv = [[torch.zeros_like(t) for _ in range(2)] for t in shards] if info.tp_rank == 0 else None
+        profiles: list[dict[str, float]] = []
+        buffers = ExportBuffers() if reuse else None
+        base = proc.memory_info().rss  # before the first export: kept buffers count as extra
+        cpu: dict[str, list[float]] = {"export": [], "p2p": []}
+
+        def cpu_s() -> float:  # this process, all threads (gloo's included)
+            u = resource.getrusage(resource.RUSAGE_SELF)
+            return u.ru_utime + u.ru_stime
 
         def export_round() -> tuple[float, int, int, int, list]:
-            base = proc.memory_info().rss
-            peak = [base]
+            peak = [proc.memory_info().rss]
             stop = threading.Event()
 
             def sample() -> None:
@@ -65,39 +83,61 @@ def _body(layers: int, bucket_mb: int, rounds: int) -> dict | None:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            prof: dict[str, float] = {}
+            profiles.append(prof)
             dist.barrier()
+            c0 = cpu_s()
             t0 = time.perf_counter()
-            sent, n_buckets, biggest, shapes = 0, 0, 0, []
-            for bucket in export_hf_buckets(chunks, hf, dtype=torch.bfloat16, bucket_bytes=bucket_mb << 20):
-                size = sum(t.numel() * t.element_size() for _, t in bucket)
-                sent += size
-                biggest = max(biggest, size)
+            sent, n_buckets, shapes = 0, 0, []
+            stream = export_hf_buckets(chunks, hf, dtype=torch.bfloat16, bucket_bytes=bucket_mb << 20,
+                                       buffers=buffers, profile=prof)
+            for bucket in stream:
+                t1 = time.perf_counter()
+                sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 n_buckets += bool(bucket)
                 shapes += [tuple(t.shape) for _, t in bucket]
-                del bucket
+                del bucket  # what a streaming consumer holds: nothing past its bucket
+                prof["consumer"] = prof.get("consumer", 0.0) + time.perf_counter() - t1
             dt = time.perf_counter() - t0
+            cpu["export"].append(cpu_s() - c0)
             stop.set()
             sampler.join()
             return dt, sent, n_buckets, peak[0] - base, shapes
 
-        def raw_round() -> float:
+        def raw_p2p_round() -> float:
+            dist.barrier()
+            c0 = cpu_s()
+            t0 = time.perf_counter()
+            if recv is not None:
+                works = [dist.irecv(r[1], src=second, group=tp_group) for r in recv]
+            else:
+                works = [dist.isend(t, dst=first, group=tp_group) for t in shards]
+            for w in works:
+                w.wait()
+            dt = time.perf_counter() - t0
+            cpu["p2p"].append(cpu_s() - c0)
+            return dt
+
+        def raw_gather_round() -> float:
             dist.barrier()
             t0 = time.perf_counter()
-            first = dist.get_global_rank(tp_group, 0)
             for k, t in enumerate(shards):
                 dist.gather(t, recv[k] if recv is not None else None, dst=first, group=tp_group)
             return time.perf_counter() - t0
 
         first_s, sent, n_buckets, first_rss, shapes = export_round()
-        export_s, raw_s, rss = [], [], []
-        for _ in range(rounds):  # paired, interleaved: A B A B ...
+        export_s, p2p_s, gather_s, rss = [], [], [], []
+        for _ in range(rounds):  # paired, interleaved: A B C A B C ...
             e, _, _, x, _ = export_round()
             export_s.append(e)
             rss.append(x)
-            raw_s.append(raw_round())
+            p2p_s.append(raw_p2p_round())
+            gather_s.append(raw_gather_round())
+        per_rank: list = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, (profiles[1:], cpu["export"][1:], cpu["p2p"]))  # warm rounds
         if info.rank != 0:
             return None
-        raw_bytes = sum(t.numel() * t.element_size() for t in shards)
+        p2p_bytes = sum(t.numel() * t.element_size() for t in shards)  # rank 1's half
         # Plain copy of the same tensors and bytes: fp32 source -> bf16 destination.
         srcs = [torch.randn(s) for s in shapes]
         t0 = time.perf_counter()
@@ -105,8 +145,14 @@ def _body(layers: int, bucket_mb: int, rounds: int) -> dict | None:
             torch.empty(s.shape, dtype=torch.bfloat16).copy_(s)
         copy_s = time.perf_counter() - t0
         return dict(params=n_params, bytes=sent, first_s=first_s, first_rss=first_rss,
-                    export_s=export_s, raw_s=raw_s, raw_bytes=raw_bytes, copy_s=copy_s,
-                    buckets=n_buckets, extra_rss=rss, bucket_bytes=bucket_mb << 20)
+                    export_s=export_s, p2p_s=p2p_s, gather_s=gather_s, p2p_bytes=p2p_bytes,
+                    copy_s=copy_s, buckets=n_buckets, extra_rss=rss, bucket_bytes=bucket_mb << 20,
+                    profiles=per_rank)
+
+
+def _ratios(raw: list[float], export: list[float]) -> str:
+    r = [a / b for a, b in zip(raw, export)]
+    return f"min {min(r):.2f}, median {statistics.median(r):.2f}"
 
 
 def main() -> None:
@@ -114,7 +160,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=20, help="decoder layers (20 ~ 1.0B params)")
     p.add_argument("--bucket-mb", type=int, default=512, help="bucket bound in MiB (default 512)")
     p.add_argument("--rounds", type=int, default=3, help="paired rounds (export, raw) after a first export")
+    p.add_argument("--fresh-buffers", action="store_true",
+                   help="export with reuse_buffer=False (a fresh buffer per bucket)")
     ns = p.parse_args()
+    if ns.layers < 1 or ns.bucket_mb < 1 or ns.rounds < 1:
+        p.error(f"--layers, --bucket-mb and --rounds must be >= 1, got {ns.layers}, {ns.bucket_mb}, {ns.rounds}")
     import os
 
     from megatron_alp.launch import run_on_ranks
@@ -123,20 +173,33 @@ def main() -> None:
     # live memory (by default freed blocks up to 32 MiB stay in the heap and RSS only grows).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
-    r = run_on_ranks(2, _body, ns.layers, ns.bucket_mb, ns.rounds, timeout_s=3000)[0]
+    r = run_on_ranks(2, _body, ns.layers, ns.bucket_mb, ns.rounds, not ns.fresh_buffers, timeout_s=3000)[0]
     gb = r["bytes"] / 1e9
     print(f"model: {r['params'] / 1e9:.2f}B parameters, TP=2 on CPU/gloo; exported {gb:.2f} GB bf16 "
-          f"in {r['buckets']} buckets (bound {r['bucket_bytes'] / 2**20:.0f} MiB)")
+          f"in {r['buckets']} buckets (bound {r['bucket_bytes'] / 2**20:.0f} MiB), "
+          f"{'fresh buffers' if ns.fresh_buffers else 'ExportBuffers kept'}; "
+          f"{r['p2p_bytes'] / 1e9:.2f} GB cross ranks")
     print(f"first export (cold): {r['first_s']:.2f} s, peak extra RSS {r['first_rss'] / 2**20:.0f} MiB")
-    ratios = [raw / exp for raw, exp in zip(r["raw_s"], r["export_s"])]
-    for k, (e, w, x) in enumerate(zip(r["export_s"], r["raw_s"], r["extra_rss"])):
-        print(f"round {k}: export {e:.2f} s ({gb / e:.2f} GB/s), raw TP gather of the same shards "
-              f"{w:.2f} s, raw/export {w / e:.2f}, peak extra RSS {x / 2**20:.0f} MiB "
-              f"({x / r['bucket_bytes']:.2f} x bucket)")
-    print(f"raw/export time ratio: min {min(ratios):.2f}, median {statistics.median(ratios):.2f} "
-          f"(1.0 = the export runs at the transport's speed)")
+    for k, (e, w, g, x) in enumerate(zip(r["export_s"], r["p2p_s"], r["gather_s"], r["extra_rss"])):
+        print(f"round {k}: export {e:.2f} s ({gb / e:.2f} GB/s), raw send/recv {w:.2f} s, raw gather "
+              f"{g:.2f} s, raw/export {w / e:.2f} (send/recv) {g / e:.2f} (gather), peak extra RSS "
+              f"{x / 2**20:.0f} MiB ({x / r['bucket_bytes']:.2f} x bucket)")
+    print(f"raw send/recv / export time ratio: {_ratios(r['p2p_s'], r['export_s'])} "
+          "(1.0 = the export runs at the transport's speed)")
+    print(f"raw gather / export time ratio: {_ratios(r['gather_s'], r['export_s'])}")
     print(f"copy: {r['copy_s']:.2f} s = {gb / r['copy_s']:.2f} GB/s (same tensors, fp32 -> bf16, one rank)")
     print(f"peak extra RSS / bucket bound: max {max(r['extra_rss']) / r['bucket_bytes']:.2f}")
+    for rank, (profs, cpu_e, cpu_p) in enumerate(r["profiles"]):
+        phases = sorted({k for p in profs for k in p})
+        cells = ", ".join(f"{k} {statistics.median(p.get(k, 0.0) for p in profs):.3f}" for k in phases)
+        print(f"rank {rank} seconds per phase (median of warm rounds): {cells}")
+        print(f"rank {rank} CPU seconds (user + sys, all threads; median): export "
+              f"{statistics.median(cpu_e):.3f}, raw send/recv {statistics.median(cpu_p):.3f}")
+    cores = os.cpu_count()
+    tot_e = sum(statistics.median(c) for _, c, _ in r["profiles"])
+    tot_p = sum(statistics.median(c) for _, _, c in r["profiles"])
+    print(f"both ranks: export {tot_e:.3f} CPU s, raw send/recv {tot_p:.3f} CPU s on {cores} cores: "
+          f"CPU-time ratio raw/export {tot_p / tot_e:.2f}")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,11 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, stream: Iterable[WeightBucket]) -> None:
-        """Load HF-named full tensors, bucket by bucket; later generations use them."""
+        """Load HF-named full tensors, bucket by bucket; later generations use them.
+
+        Done with each bucket (copied, sent and acknowledged) before asking the stream
+        for the next one: the live export may reuse one buffer for every bucket.
+        """
         ...
 
     def close(self) -> None:

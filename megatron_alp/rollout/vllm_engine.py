@@ -118,6 +118,9 @@ class VLLMEngine:
             uuid = str(torch.cuda.get_device_properties(t.device).uuid)
             items.append([name, ipc_payload(reduce_tensor(t), uuid)])
         torch.cuda.synchronize()  # the copies exist before another process reads them
+        # Blocks until every worker has loaded the bucket and synchronised its device
+        # (vllm_worker.receive_ipc): the export may then overwrite the buffer these
+        # handles point into with the next bucket.
         self.llm.collective_rpc("receive_ipc", args=(items,))
         del keep
 

@@ -108,6 +108,7 @@ class Trainer:
         self.step = 0
         self.opt_step = 0
         self.lagged: collections.deque = collections.deque()
+        self.export_buffers = None  # the weight export's buffers, kept between syncs on the CPU
         self.engine = None
         self.tokenizer = None
         self.sandbox = None  # multi-turn only (rank 0): SandboxPool or SandboxClient
@@ -189,17 +190,32 @@ class Trainer:
             timing["engine_sleep"] = time.perf_counter() - t0
 
     def _export_stream(self):
-        """The HF-named weight stream in the engine's dtype (collective: every rank drains it)."""
-        from megatron_alp.convert.live_export import export_hf_buckets
+        """The HF-named weight stream in the engine's dtype (collective: every rank drains it).
+
+        One buffer serves every bucket (``ExportBuffers``): a bucket's tensors are
+        overwritten by the next bucket, so every consumer here copies or sends a bucket
+        before asking for the next one (the engines' ``update_weights``, ``_export``).
+        """
+        from megatron_alp.convert.live_export import ExportBuffers, export_hf_buckets
 
         dtype = torch.float32 if self.cfg.run.rollout_dtype == "fp32" else torch.bfloat16
-        return export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype)
+        if platform.device().type == "cpu":
+            # Kept from sync to sync: fresh pages cost a first touch on every export.
+            if self.export_buffers is None:
+                self.export_buffers = ExportBuffers()
+            buffers = self.export_buffers
+        else:
+            # One sync only: the caching allocator makes the next allocation free, and a
+            # held buffer would be memory the training step cannot use.
+            buffers = ExportBuffers()
+        return export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype, buffers=buffers)
 
     def _export(self) -> list[list[tuple[str, torch.Tensor]]] | None:
         """Every rank runs the export; rank 0 gets the buckets (copied, engine dtype)."""
         buckets = []
         for bucket in self._export_stream():
             if self.rank == 0:
+                # a real copy: the stream's buffer is overwritten by the next bucket
                 buckets.append([(n, t.detach().to("cpu", copy=True)) for n, t in bucket])
         return buckets if self.rank == 0 else None
 

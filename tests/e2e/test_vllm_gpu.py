@@ -213,7 +213,7 @@ def test_fleet_engine_tp2(tmp_path):
 def _export_body(endpoints: list[str], served: str, model_type: str, tie: bool) -> dict:
     """One TP=2 x PP=2 trainer rank: rank 0 streams the export into the fleet."""
     from megatron_alp import parallel
-    from megatron_alp.convert.live_export import export_hf_buckets
+    from megatron_alp.convert.live_export import ExportBuffers, export_hf_buckets
     from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
     from megatron_alp.models.sharding import load_full_state
     from megatron_alp.parallel import ParallelConfig
@@ -227,7 +227,10 @@ def _export_body(endpoints: list[str], served: str, model_type: str, tie: bool) 
     with parallel.model_parallel(layout) as info:
         chunks = build_model(args, transformer_config(args, layout))
         load_full_state(chunks, full, strict=False)
-        stream = export_hf_buckets(chunks, hf, dtype=torch.bfloat16, bucket_bytes=140_000)  # > fc1 (2 x 256 x 128 bf16)
+        # one reused buffer, as the trainer streams it: keep() copies before the next bucket;
+        # the bound is above fc1 (2 x 256 x 128 bf16 = 131 kB)
+        stream = export_hf_buckets(chunks, hf, dtype=torch.bfloat16, bucket_bytes=140_000,
+                                   buffers=ExportBuffers())
         if info.rank != 0:
             for _ in stream:
                 pass
@@ -238,7 +241,7 @@ def _export_body(endpoints: list[str], served: str, model_type: str, tie: bool) 
             for b in s:
                 for n, t in b:
                     assert t.is_cuda, n  # buffers on the model's device
-                    sent[n] = t.detach().cpu()
+                    sent[n] = t.detach().cpu()  # a copy (cuda -> cpu)
                 yield b
 
         engine = create_engine("fleet", endpoints=endpoints, backend="vllm",
