@@ -1,9 +1,10 @@
 """Live export throughput: TP=2 model of ~1B parameters on CPU, against the raw transport.
 
     python benchmarks/export_throughput.py [--layers 20] [--bucket-mb 512] [--rounds 3] [--fresh-buffers]
+        [--param-dtype fp32|bf16]
 
 Spawns 2 gloo ranks (TP=2), builds a Qwen2-shaped model (hidden 2048, 16 heads / 4 KV
-heads, FFN 5504, vocab 32000; 20 layers ~ 1.0B parameters, fp32 master weights), runs a
+heads, FFN 5504, vocab 32000; 20 layers ~ 1.0B parameters, fp32 master weights, or bf16 ones as a ``--bf16`` trainer holds them), runs a
 first (cold) export, then paired, interleaved rounds (A B C A B C ...) of
 
 * A = export: ``export_hf_buckets`` end to end (TP transfers over gloo, un-fusing, bf16
@@ -32,7 +33,7 @@ import threading
 import time
 
 
-def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool) -> dict | None:
+def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: str = "fp32") -> dict | None:
     import psutil
     import torch
     import torch.distributed as dist
@@ -52,6 +53,9 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool) -> dict | None:
         from megatron.core import parallel_state as ps
 
         chunks = build_model(args, transformer_config(args, cfg, perform_initialization=False))
+        if param_dtype == "bf16":  # what a --bf16 trainer exports from (Float16Module's params)
+            for c in chunks:
+                c.to(torch.bfloat16)
         n_params = sum(p.numel() for c in chunks for p in c.parameters()) * 2
         proc = psutil.Process()
         tp_group = ps.get_tensor_model_parallel_group()
@@ -160,6 +164,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=20, help="decoder layers (20 ~ 1.0B params)")
     p.add_argument("--bucket-mb", type=int, default=512, help="bucket bound in MiB (default 512)")
     p.add_argument("--rounds", type=int, default=3, help="paired rounds (export, raw) after a first export")
+    p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the model's parameter dtype: fp32 (the export casts every shard) or bf16 "
+                        "(a --bf16 trainer: no cast, pieces go out as they are); default fp32")
     p.add_argument("--fresh-buffers", action="store_true",
                    help="export with reuse_buffer=False (a fresh buffer per bucket)")
     ns = p.parse_args()
@@ -173,9 +180,9 @@ def main() -> None:
     # live memory (by default freed blocks up to 32 MiB stay in the heap and RSS only grows).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
-    r = run_on_ranks(2, _body, ns.layers, ns.bucket_mb, ns.rounds, not ns.fresh_buffers, timeout_s=3000)[0]
+    r = run_on_ranks(2, _body, ns.layers, ns.bucket_mb, ns.rounds, not ns.fresh_buffers, ns.param_dtype, timeout_s=3000)[0]
     gb = r["bytes"] / 1e9
-    print(f"model: {r['params'] / 1e9:.2f}B parameters, TP=2 on CPU/gloo; exported {gb:.2f} GB bf16 "
+    print(f"model: {r['params'] / 1e9:.2f}B {ns.param_dtype} parameters, TP=2 on CPU/gloo; exported {gb:.2f} GB bf16 "
           f"in {r['buckets']} buckets (bound {r['bucket_bytes'] / 2**20:.0f} MiB), "
           f"{'fresh buffers' if ns.fresh_buffers else 'ExportBuffers kept'}; "
           f"{r['p2p_bytes'] / 1e9:.2f} GB cross ranks")
