@@ -1,6 +1,6 @@
 """Build the tiny CPU example's assets offline: tokenizer, task data, model, warm-up.
 
-    python examples/tiny_cpu/prepare.py --out runs/tiny_cpu/assets
+    python examples/tiny_cpu/prepare.py --out runs/tiny_cpu-assets
 
 Writes (atomically, into a folder this script owns):
 
