@@ -153,3 +153,18 @@ def test_torch_save_settings_stay_in_the_writing_thread(tmp_path):
     assert _settings() == before
     assert torch.equal(_load(tmp_path / "a", a_data)["a"], torch.ones(10))
     assert torch.equal(_load(tmp_path / "b", b_data)["b"], torch.full((10,), 2.0))
+
+
+def test_converter_with_direct_io_on_refused_leaves_nothing(tmp_path, refusing_direct_writes):
+    """Through hf_to_megatron: a one-line error naming the flag, no output, no temporary
+    folder left beside it."""
+    from megatron_alp.convert import convert_hf_to_megatron
+    from tests.unit.test_convert_pipeline import write_hf
+
+    write_hf(tmp_path / "hf", "qwen2")
+    with pytest.raises(OutputError, match="--direct-io off") as info:
+        convert_hf_to_megatron(tmp_path / "hf", tmp_path / "mg", direct_io="on", progress=False)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    report = convert_hf_to_megatron(tmp_path / "hf", tmp_path / "mg", direct_io="auto", progress=False)
+    assert report.bytes_written > 0 and (tmp_path / "mg" / ".metadata").exists()
