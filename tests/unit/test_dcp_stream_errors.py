@@ -83,7 +83,8 @@ def test_direct_on_refused_writes_say_what_to_do(tmp_path, refusing_direct_write
     assert not [t for t in threading.enumerate() if t.name.startswith("dcp-fill")]
 
 
-def test_a_write_error_surfaces_as_itself_and_stops_the_fillers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_error_surfaces_as_itself_and_stops_the_fillers(tmp_path, monkeypatch, direct):
     """Disk full half-way: the OSError itself (not DCP's CheckpointException with a
     traceback text), every filler thread ended, torch.save's settings restored."""
     real = os.write
@@ -101,7 +102,7 @@ def test_a_write_error_surfaces_as_itself_and_stops_the_fillers(tmp_path, monkey
     (tmp_path / "ck").mkdir()
     before = _settings()
     with pytest.raises(OSError) as info:
-        write_dist_checkpoint(tmp_path / "ck", _chunks(data), {}, thread_count=2)
+        write_dist_checkpoint(tmp_path / "ck", _chunks(data), {}, thread_count=2, direct=direct)
     assert info.value.errno == errno.ENOSPC
     assert _settings() == before
     assert not [t for t in threading.enumerate() if t.name.startswith("dcp-fill")]
