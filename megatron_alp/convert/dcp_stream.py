@@ -21,7 +21,8 @@ included. How it writes:
   (``torch.save`` to an unbuffered stream passes the storage as one memoryview). Where
   the file system allows it, with ``O_DIRECT`` (:class:`_DirectStream`: tensor items
   start on 4 KiB boundaries, so the tensor bytes go to the disk from the buffer itself
-  and the page cache is skipped).
+  and the page cache is skipped). The open is followed by one aligned probe write: some
+  file systems accept ``O_DIRECT`` at open and refuse the writes (EINVAL).
 * ``torch.save`` leaves out the zip CRC-32 of its records (``crc32=False``, the default):
   ``torch.load`` never checks it (``tests/unit/test_convert_pipeline.py`` shows a flipped
   byte loading silently either way), and it costs one core ~0.2 s per GB.
@@ -78,12 +79,19 @@ class _FdStream:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.pos = 0
+        self.failed: BaseException | None = None
+        """The first error of a write: torch.save's zip writer calls :meth:`write` from
+        C++ and reports a failed write as its own "unexpected pos" RuntimeError."""
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):  # os.write may write less (at most ~2 GiB per call)
-            done += os.write(self.fd, view[done:])
+        try:
+            while done < len(view):  # os.write may write less (at most ~2 GiB per call)
+                done += os.write(self.fd, view[done:])
+        except BaseException as e:
+            self.failed = self.failed or e
+            raise
         self.pos += done
         return done
 
@@ -123,16 +131,25 @@ class _DirectStream:
 
     STAGE = 4 * 1024**2
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, path: Path | None = None) -> None:
+        self.fd, self.path = fd, path
         self.pos = 0
         """Logical end of the file (what the next byte's offset is)."""
         self._stage = aligned_empty(self.STAGE)
         self._stage_view = memoryview(self._stage.numpy())
         self._staged = 0
         """Bytes in the stage; it holds file bytes ``[pos - staged, pos)``, starting on a block."""
+        self.failed: BaseException | None = None
+        """The first error of a write (see :attr:`_FdStream.failed`)."""
 
     def write(self, data: Any) -> int:
+        try:
+            return self._write(data)
+        except BaseException as e:
+            self.failed = self.failed or e
+            raise
+
+    def _write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
         if self._staged % BLOCK == 0 and n >= BLOCK and _address(view) % BLOCK == 0:
@@ -172,7 +189,12 @@ class _DirectStream:
     def _write_all(self, view: memoryview) -> None:
         done = 0
         while done < len(view):
-            done += os.write(self.fd, view[done:])
+            try:
+                done += os.write(self.fd, view[done:])
+            except OSError as e:  # past the open-time probe: say what to do about it
+                if e.errno != errno.EINVAL:
+                    raise
+                raise _direct_refused(self.path, e) from None
 
     def close(self) -> None:
         """Write the last partial block (zero-padded), cut the file to ``pos``, fsync."""
@@ -192,15 +214,49 @@ def _address(view: memoryview) -> int:
 
 def _open_output(path: Path, direct: bool | None) -> tuple[int, bool]:
     """Create ``path`` for writing: (fd, O_DIRECT?). ``direct`` None tries O_DIRECT and
-    falls back where the file system refuses it (tmpfs, some network file systems)."""
+    falls back where the file system refuses it (tmpfs, some network file systems),
+    at open or at the first aligned write (:func:`_probe_direct`)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     if direct is not False and hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, flags | os.O_DIRECT, 0o644), True
+            fd = os.open(path, flags | os.O_DIRECT, 0o644)
         except OSError as e:
             if direct or e.errno != errno.EINVAL:
                 raise
+        else:
+            try:
+                _probe_direct(fd)
+                return fd, True
+            except OSError as e:
+                os.close(fd)
+                os.unlink(path)  # created just now (O_EXCL), empty: ours to remove
+                if e.errno != errno.EINVAL:
+                    raise
+                if direct:
+                    raise _direct_refused(path, e) from None
     return os.open(path, flags, 0o644), False
+
+
+def _probe_direct(fd: int) -> None:
+    """Write one aligned block and take it back: some file systems (FUSE, some network
+    ones) accept ``O_DIRECT`` at open and refuse the writes (EINVAL) only later."""
+    block = aligned_empty(BLOCK)
+    block.zero_()
+    if os.write(fd, memoryview(block.numpy())) != BLOCK:
+        raise OSError(errno.EINVAL, "short O_DIRECT write of one block")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _direct_refused(path: Path | None, e: OSError) -> Exception:
+    """The error for a file system that refuses this writer's O_DIRECT writes."""
+    from megatron_alp.io_safety import OutputError
+
+    return OutputError(
+        f"{path}: the file system refuses O_DIRECT writes aligned to {BLOCK} bytes "
+        f"({e.strerror or e}); write through the page cache instead "
+        "(hf_to_megatron --direct-io off, or direct=False)"
+    )
 
 
 class _WriteBehind:
@@ -259,6 +315,8 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         self.direct = direct
         """O_DIRECT: None = where the file system allows it; True = required; False = never."""
         self.used_direct: bool | None = None
+        self.error: BaseException | None = None
+        """What :meth:`write_data` raised, unwrapped (DCP re-wraps it)."""
         self.timings: dict[str, float] = {}
         """Seconds spent, after a save: ``fill`` (filling threads, summed), ``wait`` (the
         writing thread waiting for a filled chunk), ``write`` (torch.save + write(2)),
@@ -268,10 +326,15 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         path = Path(self.path) / name
         config = serialization_config.save
+        # torch's config overrides are per thread (a ContextVar): this changes torch.save
+        # in this thread only, where the items are written; other threads keep theirs.
         previous = config.compute_crc32, config.storage_alignment
         config.compute_crc32 = self.crc32
         try:
             results = self._write_file(path, name, plan.items, planner)
+        except BaseException as e:
+            self.error = e  # DCP wraps it in a CheckpointException with a traceback text
+            raise
         finally:
             config.compute_crc32, config.storage_alignment = previous
         fut: Future[list[WriteResult]] = Future()
@@ -288,7 +351,7 @@ class PipelinedFileSystemWriter(FileSystemWriter):
         if self.used_direct:  # every tensor's bytes start on a block (see _DirectStream)
             serialization_config.save.storage_alignment = BLOCK
         try:
-            stream = _DirectStream(fd) if self.used_direct else _FdStream(fd)
+            stream = _DirectStream(fd, path) if self.used_direct else _FdStream(fd)
             for item in objects:
                 data = planner.resolve_data(item)
                 offset = stream.pos
@@ -302,7 +365,12 @@ class PipelinedFileSystemWriter(FileSystemWriter):
                     t0 = time.perf_counter()
                     stream.align()
                     offset = stream.pos
-                    torch.save(tensor, stream)
+                    try:
+                        torch.save(tensor, stream)
+                    except BaseException:
+                        if stream.failed is not None:  # the write's own error (disk full...),
+                            raise stream.failed from None  # not torch's "unexpected pos"
+                        raise
                     results.append(_result(item, name, offset, stream.pos - offset))
                     if behind is not None:
                         behind.written(stream.pos)

@@ -232,6 +232,8 @@ def write_dist_checkpoint(
     except BaseException:
         if planner.error is not None:  # a bad tensor, Ctrl-C...: surface it as itself
             raise planner.error from None
+        if writer.error is not None:  # a write error (disk full, O_DIRECT refused...) too
+            raise writer.error from None
         raise
     Path(path, MEGATRON_METADATA).write_text(
         json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1})
