@@ -22,6 +22,10 @@ of the sending rank per round above its RSS before the first export (the buffers
 between rounds included) against the bucket bound (sampled every 5 ms), the seconds
 each rank spends per phase inside the export, and a plain fp32 -> bf16 copy of the same
 tensors on one rank for reference.
+
+On a machine with 2 CUDA GPUs the ranks run on them over NCCL (the launcher picks NCCL
+when every rank has a GPU): times are taken after a device sync and the memory column is
+the CUDA allocator's peak above its level before the first export.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
             for c in chunks:
                 c.to(torch.bfloat16)
         n_params = sum(p.numel() for c in chunks for p in c.parameters()) * 2
+        device = next(chunks[0].parameters()).device
+        on_gpu = device.type == "cuda"  # NCCL ranks: time after a device sync, GPU memory
+
+        def sync() -> None:
+            if on_gpu:
+                torch.cuda.synchronize(device)
+
         proc = psutil.Process()
         tp_group = ps.get_tensor_model_parallel_group()
         first, second = (dist.get_global_rank(tp_group, r) for r in range(2))
@@ -69,7 +80,9 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
         recv = [[torch.zeros_like(t) for _ in range(2)] for t in shards] if info.tp_rank == 0 else None
         profiles: list[dict[str, float]] = []
         buffers = ExportBuffers() if reuse else None
-        base = proc.memory_info().rss  # before the first export: kept buffers count as extra
+        sync()
+        base = torch.cuda.memory_allocated(device) if on_gpu else proc.memory_info().rss
+        # before the first export: kept buffers count as extra
         cpu: dict[str, list[float]] = {"export": [], "p2p": []}
 
         def cpu_s() -> float:  # this process, all threads (gloo's included)
@@ -86,7 +99,10 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
                     time.sleep(0.005)
 
             sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
+            if on_gpu:  # the allocator's own peak instead of host RSS
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                sampler.start()
             prof: dict[str, float] = {}
             profiles.append(prof)
             dist.barrier()
@@ -102,10 +118,14 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
                 shapes += [tuple(t.shape) for _, t in bucket]
                 del bucket  # what a streaming consumer holds: nothing past its bucket
                 prof["consumer"] = prof.get("consumer", 0.0) + time.perf_counter() - t1
+            sync()
             dt = time.perf_counter() - t0
             cpu["export"].append(cpu_s() - c0)
-            stop.set()
-            sampler.join()
+            if on_gpu:
+                peak[0] = torch.cuda.max_memory_allocated(device)
+            else:
+                stop.set()
+                sampler.join()
             return dt, sent, n_buckets, peak[0] - base, shapes
 
         def raw_p2p_round() -> float:
@@ -118,6 +138,7 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
                 works = [dist.isend(t, dst=first, group=tp_group) for t in shards]
             for w in works:
                 w.wait()
+            sync()
             dt = time.perf_counter() - t0
             cpu["p2p"].append(cpu_s() - c0)
             return dt
@@ -127,6 +148,7 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
             t0 = time.perf_counter()
             for k, t in enumerate(shards):
                 dist.gather(t, recv[k] if recv is not None else None, dst=first, group=tp_group)
+            sync()
             return time.perf_counter() - t0
 
         first_s, sent, n_buckets, first_rss, shapes = export_round()
@@ -143,15 +165,17 @@ def _body(layers: int, bucket_mb: int, rounds: int, reuse: bool, param_dtype: st
             return None
         p2p_bytes = sum(t.numel() * t.element_size() for t in shards)  # rank 1's half
         # Plain copy of the same tensors and bytes: fp32 source -> bf16 destination.
-        srcs = [torch.randn(s) for s in shapes]
+        srcs = [torch.randn(s, device=device) for s in shapes]
+        sync()
         t0 = time.perf_counter()
         for s in srcs:
-            torch.empty(s.shape, dtype=torch.bfloat16).copy_(s)
+            torch.empty(s.shape, dtype=torch.bfloat16, device=device).copy_(s)
+        sync()
         copy_s = time.perf_counter() - t0
         return dict(params=n_params, bytes=sent, first_s=first_s, first_rss=first_rss,
                     export_s=export_s, p2p_s=p2p_s, gather_s=gather_s, p2p_bytes=p2p_bytes,
                     copy_s=copy_s, buckets=n_buckets, extra_rss=rss, bucket_bytes=bucket_mb << 20,
-                    profiles=per_rank)
+                    profiles=per_rank, device=str(device), backend=dist.get_backend())
 
 
 def _ratios(raw: list[float], export: list[float]) -> str:
@@ -182,20 +206,22 @@ def main() -> None:
 
     r = run_on_ranks(2, _body, ns.layers, ns.bucket_mb, ns.rounds, not ns.fresh_buffers, ns.param_dtype, timeout_s=3000)[0]
     gb = r["bytes"] / 1e9
-    print(f"model: {r['params'] / 1e9:.2f}B {ns.param_dtype} parameters, TP=2 on CPU/gloo; exported {gb:.2f} GB bf16 "
+    where = "CPU/gloo" if r["device"] == "cpu" else f"{r['device']}/{r['backend']}"
+    mem = "RSS" if r["device"] == "cpu" else "GPU memory (allocator peak)"
+    print(f"model: {r['params'] / 1e9:.2f}B {ns.param_dtype} parameters, TP=2 on {where}; exported {gb:.2f} GB bf16 "
           f"in {r['buckets']} buckets (bound {r['bucket_bytes'] / 2**20:.0f} MiB), "
           f"{'fresh buffers' if ns.fresh_buffers else 'ExportBuffers kept'}; "
           f"{r['p2p_bytes'] / 1e9:.2f} GB cross ranks")
-    print(f"first export (cold): {r['first_s']:.2f} s, peak extra RSS {r['first_rss'] / 2**20:.0f} MiB")
+    print(f"first export (cold): {r['first_s']:.2f} s, peak extra {mem} {r['first_rss'] / 2**20:.0f} MiB")
     for k, (e, w, g, x) in enumerate(zip(r["export_s"], r["p2p_s"], r["gather_s"], r["extra_rss"])):
         print(f"round {k}: export {e:.2f} s ({gb / e:.2f} GB/s), raw send/recv {w:.2f} s, raw gather "
-              f"{g:.2f} s, raw/export {w / e:.2f} (send/recv) {g / e:.2f} (gather), peak extra RSS "
+              f"{g:.2f} s, raw/export {w / e:.2f} (send/recv) {g / e:.2f} (gather), peak extra {mem} "
               f"{x / 2**20:.0f} MiB ({x / r['bucket_bytes']:.2f} x bucket)")
     print(f"raw send/recv / export time ratio: {_ratios(r['p2p_s'], r['export_s'])} "
           "(1.0 = the export runs at the transport's speed)")
     print(f"raw gather / export time ratio: {_ratios(r['gather_s'], r['export_s'])}")
     print(f"copy: {r['copy_s']:.2f} s = {gb / r['copy_s']:.2f} GB/s (same tensors, fp32 -> bf16, one rank)")
-    print(f"peak extra RSS / bucket bound: max {max(r['extra_rss']) / r['bucket_bytes']:.2f}")
+    print(f"peak extra {mem} / bucket bound: max {max(r['extra_rss']) / r['bucket_bytes']:.2f}")
     for rank, (profs, cpu_e, cpu_p) in enumerate(r["profiles"]):
         phases = sorted({k for p in profs for k in p})
         cells = ", ".join(f"{k} {statistics.median(p.get(k, 0.0) for p in profs):.3f}" for k in phases)
