@@ -216,6 +216,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rl-fleet-backend", default="twin", choices=("twin", "vllm"),
                    help="fleet engine kind: twin (the CPU twin: LocalEngine served over HTTP + gloo "
                         "weight group) or vllm (vllm serve with our worker extension); default twin")
+    g.add_argument("--rl-fleet-max-in-flight", type=int, default=None, metavar="N",
+                   help="requests kept in flight per engine (each holds one client thread); "
+                        "default 8 for the twin, 64 for vLLM — raise it for large vLLM engines "
+                        "so their scheduler sees enough sequences to batch")
+    g.add_argument("--rl-fleet-rows-per-request", type=int, default=None, metavar="N",
+                   help="completions per request (a prompt's samples stay together so they share "
+                        "the engine's prefix cache); default 16 for the twin, 1 for vLLM")
     g.add_argument("--rl-fleet-engines", type=int, default=2,
                    help="engines of a locally started fleet (no --rl-fleet-endpoints; default 2)")
     g.add_argument("--rl-fleet-sync-host", default="127.0.0.1",
@@ -401,6 +408,14 @@ def _validate_with_megatron(args: argparse.Namespace) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.rl_rollout_engine != "fleet":
+        given = [flag for flag in ("--rl-fleet-endpoints", "--rl-fleet-sync-port",
+                                   "--rl-fleet-max-in-flight", "--rl-fleet-rows-per-request")
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            raise ValueError(
+                f"{given[0]} applies to --rl-rollout-engine fleet, not "
+                f"{args.rl_rollout_engine!r}; drop it or add --rl-rollout-engine fleet"
+            )
         return {}
     if args.rl_fleet_engines < 1:
         raise ValueError(f"--rl-fleet-engines={args.rl_fleet_engines} is invalid; expected >= 1")
@@ -411,6 +426,12 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         )
     kw: dict[str, Any] = dict(backend=args.rl_fleet_backend, sync_host=args.rl_fleet_sync_host,
                               sync_port=args.rl_fleet_sync_port)
+    for flag, key in (("--rl-fleet-max-in-flight", "max_in_flight"),
+                      ("--rl-fleet-rows-per-request", "rows_per_request")):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            _positive(flag, value)
+            kw[key] = value
     if endpoints is None:
         kw["num_engines"] = args.rl_fleet_engines
     else:

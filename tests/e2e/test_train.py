@@ -194,6 +194,8 @@ def test_kill9_then_resume_equals_uninterrupted_run(assets, tmp_path):
         (("--load", "/nonexistent/ckpt"), "--load /nonexistent/ckpt: no checkpoint"),
         (("--rl-default-top-p", "0.9"), "truncated sampling is refused"),
         (("--rl-default-temperature", "2.5"), "above 2.0, which vLLM (0.33) rejects"),
+        (("--rl-fleet-max-in-flight", "16"), "--rl-fleet-max-in-flight applies to --rl-rollout-engine fleet"),
+        (("--rl-rollout-engine", "fleet", "--rl-fleet-rows-per-request", "0"), "--rl-fleet-rows-per-request=0 is invalid"),
         (("--rl-default-temperature", "0.005"), "below 0.01: vLLM clamps it"),
         (("--alp-init-std", "-1", "--rl-loss", "token-alp"), "ALPConfig.init_std=-1.0"),
         (("--save", "{assets}"), "overlaps --hf-model"),
@@ -311,6 +313,20 @@ def test_colocated_engine_sleeps_during_updates_and_gets_every_weight_back(group
     for h in hist:
         assert "timing_s/engine_sleep" in h
         assert h["rollout_corr/abs_logp_diff_max"] <= 1e-4, h["rollout_corr/abs_logp_diff_max"]
+
+
+def test_fleet_request_flags_reach_the_fleet_client(assets, tmp_path):
+    from megatron_alp.train.arguments import parse_args
+
+    cfg = parse_args(base_argv(
+        assets, tmp_path / "run", "--train-iters", "2", "--rl-rollout-engine", "fleet",
+        "--rl-fleet-max-in-flight", "256", "--rl-fleet-rows-per-request", "4",
+    ), world_size=None)
+    assert cfg.run.engine_kwargs["max_in_flight"] == 256
+    assert cfg.run.engine_kwargs["rows_per_request"] == 4
+    cfg = parse_args(base_argv(assets, tmp_path / "run", "--train-iters", "2",
+                               "--rl-rollout-engine", "fleet"), world_size=None)
+    assert "max_in_flight" not in cfg.run.engine_kwargs  # the client's per-backend default
 
 
 def test_sleep_level_for_an_engine_that_cannot_sleep_is_refused(assets, tmp_path):
