@@ -1,6 +1,8 @@
 """Live export from sharded models: HF names exactly, logits equal, buckets bounded; the
 reused-buffer contract; the sending rank's extra memory."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -53,6 +55,41 @@ def export_body(arch: dict, layout: ParallelConfig, alp: bool = False, n_micro: 
         )
 
 
+@contextlib.contextmanager
+def loaded_model(model_type: str, layout: ParallelConfig):
+    """(hf config, this rank's chunks, rank info): a tiny ``model_type`` model with the seeded
+    canonical weights, built and loaded under ``layout``."""
+    hf = tiny_hf_config(model_type=model_type)
+    full = canonical_state(hf, seed=3)  # its own TP=1 model: before the layout's groups
+    args = gpt_args_from_hf(hf)
+    with parallel.model_parallel(layout) as info:
+        chunks = build_model(args, transformer_config(args, layout))
+        load_full_state(chunks, full, strict=False)
+        yield hf, chunks, info
+
+
+def assert_export_matches_hf(res: list[dict], arch: dict) -> None:
+    """Rank 0's buckets are bounded, name every HF parameter exactly once, and loaded into
+    the HF model give the Megatron model's logits."""
+    buckets = res[0]["buckets"]
+    assert all(r["buckets"] is None for r in res[1:])
+    for b in buckets:
+        assert sum(t.numel() * t.element_size() for _, t in b) <= BUCKET
+    exported = [(n, t) for b in buckets for n, t in b]
+    names = [n for n, _ in exported]
+    assert len(names) == len(set(names))
+    hf_cfg = tiny_hf_config(**arch)
+    model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+    assert set(names) == {n for n, _ in model.named_parameters()}
+    missing, unexpected = model.load_state_dict(dict(exported), strict=False)
+    assert not unexpected
+    assert set(missing) <= ({"lm_head.weight"} if hf_cfg.tie_word_embeddings else set())
+    logits = next(r["logits"] for r in res if r["logits"] is not None)
+    with torch.no_grad():
+        ref = model(res[0]["tokens"]).logits
+    torch.testing.assert_close(logits[..., : hf_cfg.vocab_size], ref, atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def group():
     with RankGroup(4, timeout_s=600) as g:
@@ -68,23 +105,7 @@ def test_export_tp2_pp2_matches_hf(group, arch):
         assert all(r["n_alp"] > 0 for r in res)  # every stage holds sigmas, none exported
     # every rank iterated in lockstep
     assert len({r["n_yields"] for r in res}) == 1 and res[0]["n_yields"] > 5
-    buckets = res[0]["buckets"]
-    assert all(r["buckets"] is None for r in res[1:])
-    for b in buckets:
-        assert sum(t.numel() * t.element_size() for _, t in b) <= BUCKET
-    exported = [(n, t) for b in buckets for n, t in b]
-    names = [n for n, _ in exported]
-    assert len(names) == len(set(names))
-    hf_cfg = tiny_hf_config(**ARCHS[arch])
-    model = AutoModelForCausalLM.from_config(hf_cfg).float().eval()
-    assert set(names) == {n for n, _ in model.named_parameters()}
-    missing, unexpected = model.load_state_dict(dict(exported), strict=False)
-    assert not unexpected
-    assert set(missing) <= ({"lm_head.weight"} if hf_cfg.tie_word_embeddings else set())
-    logits = next(r["logits"] for r in res if r["logits"] is not None)
-    with torch.no_grad():
-        ref = model(res[0]["tokens"]).logits
-    torch.testing.assert_close(logits[..., : hf_cfg.vocab_size], ref, atol=1e-4, rtol=0)
+    assert_export_matches_hf(res, ARCHS[arch])
 
 
 def export_default_device_body(layout: ParallelConfig) -> dict:
@@ -92,12 +113,7 @@ def export_default_device_body(layout: ParallelConfig) -> dict:
     allocates must follow the model's device (on GPU: cuda, which NCCL needs), so a
     buffer created on the default device would be a meta tensor and the gather/recv
     into it would fail or yield no data. The plain export is the oracle."""
-    hf = tiny_hf_config(model_type="qwen2")
-    full = canonical_state(hf, seed=3)
-    args = gpt_args_from_hf(hf)
-    with parallel.model_parallel(layout) as info:
-        chunks = build_model(args, transformer_config(args, layout))
-        load_full_state(chunks, full, strict=False)
+    with loaded_model("qwen2", layout) as (hf, chunks, info):
         kw = dict(dtype=torch.float32, bucket_bytes=BUCKET)
         plain = [b for b in export_hf_buckets(chunks, hf, **kw) if b]
         with torch.device("meta"):
@@ -122,28 +138,14 @@ def test_export_buffers_on_model_device(group):
     ("tp2_dp2", ParallelConfig(tensor_model_parallel_size=2)),
 ])
 def test_export_other_layouts_match_hf(group, name, layout):
-    arch = ARCHS["llama_tied"]
-    res = group.run(export_body, arch, layout, False, 2)
+    res = group.run(export_body, ARCHS["llama_tied"], layout, False, 2)
     assert len({r["n_yields"] for r in res}) == 1 and res[0]["n_yields"] > 5
-    assert all(r["buckets"] is None for r in res[1:])
-    exported = dict((n, t) for b in res[0]["buckets"] for n, t in b)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(**arch)).float().eval()
-    assert set(exported) == {n for n, _ in model.named_parameters()}
-    model.load_state_dict(exported, strict=False)
-    logits = next(r["logits"] for r in res if r["logits"] is not None)
-    with torch.no_grad():
-        ref = model(res[0]["tokens"]).logits
-    torch.testing.assert_close(logits[..., :250], ref, atol=1e-4, rtol=0)
+    assert_export_matches_hf(res, ARCHS["llama_tied"])
 
 
 def reuse_body(layout: ParallelConfig) -> dict:
     """The same model exported four ways on every rank; rank 0 reports how they compare."""
-    hf = tiny_hf_config(model_type="qwen3")
-    full = canonical_state(hf, seed=3)
-    args = gpt_args_from_hf(hf)
-    with parallel.model_parallel(layout) as info:
-        chunks = build_model(args, transformer_config(args, layout))
-        load_full_state(chunks, full, strict=False)
+    with loaded_model("qwen3", layout) as (hf, chunks, info):
         kw = dict(dtype=torch.bfloat16, bucket_bytes=BUCKET)
         ref32 = list(export_hf_buckets(chunks, hf, dtype=torch.float32, bucket_bytes=BUCKET))
         fresh = list(export_hf_buckets(chunks, hf, **kw))  # default: a new buffer per bucket
@@ -206,12 +208,7 @@ def memory_body(layout: ParallelConfig, reuse: bool) -> dict:
     before it asks for the next one."""
     from torch.profiler import ProfilerActivity, profile
 
-    hf = tiny_hf_config(model_type="qwen2")
-    full = canonical_state(hf, seed=3)
-    args = gpt_args_from_hf(hf)
-    with parallel.model_parallel(layout) as info:
-        chunks = build_model(args, transformer_config(args, layout))
-        load_full_state(chunks, full, strict=False)
+    with loaded_model("qwen2", layout) as (hf, chunks, info):
         biggest = 0
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for b in export_hf_buckets(chunks, hf, dtype=torch.float32, bucket_bytes=BUCKET,
