@@ -74,6 +74,10 @@ MIN_TEMPERATURE = 0.01
 0.33.0 ``sampling_params.py``, ``_MAX_TEMP = 1e-2``): its log-probs would then be those of
 T = 0.01 while the trainer divides by the requested T."""
 
+MAX_TEMPERATURE = 2.0
+"""vLLM 0.33 rejects a request with temperature > 2 (``sampling_params.py``); the trainer
+refuses such a ``--rl-default-temperature`` before any rollout."""
+
 
 def check_ratio_sampling(sp: SamplingParams, *, allow_truncation: bool = False) -> None:
     """Refuse sampling settings whose rollout log-probs the trainer cannot reproduce.

@@ -617,19 +617,18 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
             f"--rl-default-temperature={args.rl_default_temperature} is invalid; RL needs sampling "
             "(a temperature > 0)"
         )
-    from megatron_alp.rollout.base import MIN_TEMPERATURE
+    from megatron_alp.rollout.base import MAX_TEMPERATURE, MIN_TEMPERATURE
 
     if args.rl_default_temperature < MIN_TEMPERATURE:
         raise ValueError(
             f"--rl-default-temperature={args.rl_default_temperature} is below {MIN_TEMPERATURE}: "
             f"vLLM clamps it to {MIN_TEMPERATURE}, so rollout and trainer log-probs would disagree"
         )
-    if args.rl_default_temperature > 2.0:
-        # vLLM 0.33 sampling_params.py rejects temperature > 2 on every request; refuse it
-        # here rather than at the first rollout, whatever the engine.
+    if args.rl_default_temperature > MAX_TEMPERATURE:
+        # refused here rather than at the first rollout, whatever the engine
         raise ValueError(
-            f"--rl-default-temperature={args.rl_default_temperature} is above 2.0, which vLLM "
-            "(0.33) rejects; expected 0.01 <= T <= 2"
+            f"--rl-default-temperature={args.rl_default_temperature} is above {MAX_TEMPERATURE}, "
+            f"which vLLM (0.33) rejects; expected {MIN_TEMPERATURE} <= T <= {MAX_TEMPERATURE:g}"
         )
     max_prompt = args.rl_max_prompt_length
     if args.seq_length is None or not _given(full_argv, "--seq-length"):
