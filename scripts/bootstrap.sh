@@ -85,9 +85,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "[bootstrap] installing megatron-alp[$extras] (first time: a few minutes, ~5 GB with torch)" >&2
 # pip repeats one "WARNING: Location ... is ignored" line per package when a configured
-# index folder is missing on this machine: noise, filtered (real errors still show).
+# index folder is missing on this machine, and setuptools prints a 10-line boxed
+# "BuildBackendWarning: Editable installation" for every editable install: noise, both
+# filtered (the box is dropped up to its last line, at most 12 lines; real errors still show).
 quiet_pip() {
-    "$venv/bin/python" -m pip "$@" 2> >(sed '/^WARNING: Location .* is ignored: it is neither a file nor a directory\.$/d' >&2)
+    "$venv/bin/python" -m pip "$@" 2> >(awk '
+        /^WARNING: Location .* is ignored: it is neither a file nor a directory\.$/ { next }
+        /BuildBackendWarning: Editable installation\./ { box = 12; next }
+        box > 0 { box--; if ($0 ~ /with strategy, WheelFile\(/) box = 0; next }
+        { print; fflush() }' >&2)
 }
 quiet_pip install --quiet --upgrade pip
 quiet_pip install --quiet -e "$repo[$extras]"

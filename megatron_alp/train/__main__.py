@@ -21,6 +21,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_alp.train.arguments import TrainConfig
 
 _CHILD = "MEGATRON_ALP_TRAIN_CHILD"
 
@@ -64,17 +68,29 @@ def _watch_parent() -> None:
     threading.Thread(target=loop, daemon=True, name="parent-watch").start()
 
 
+def _print_config(cfg: "TrainConfig") -> None:
+    """The effective configuration: where it is written, and in full with ``--verbose``
+    (about 130 lines of JSON would otherwise bury the progress lines)."""
+    from megatron_alp.train.arguments import config_json
+
+    where = Path(cfg.run.run_dir) / "config.json"
+    if os.environ.get("MEGATRON_ALP_VERBOSE") == "1":
+        print("[train] configuration:\n" + config_json(cfg), flush=True)
+    else:
+        print(f"[train] configuration: {where} (printed here with --verbose)", flush=True)
+
+
 def _run_rank(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from megatron_alp import parallel
-    from megatron_alp.train.arguments import config_json, parse_args
+    from megatron_alp.train.arguments import parse_args
     from megatron_alp.train.loop import run
 
     cfg = parse_args(argv)
     parallel.init_distributed()
     if dist.get_rank() == 0 and os.environ.get(_CHILD) != "1":
-        print("[train] configuration:\n" + config_json(cfg), flush=True)
+        _print_config(cfg)
     try:
         result = run(cfg)
     finally:
@@ -156,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             return _run_rank(argv)
-        from megatron_alp.train.arguments import config_json, parse_args
+        from megatron_alp.train.arguments import parse_args
 
         cfg = parse_args(argv)
         nproc = cfg.world_size
-        print("[train] configuration:\n" + config_json(cfg), flush=True)
+        _print_config(cfg)
         print(f"[train] starting {nproc} rank(s) (TP={cfg.parallel.tensor_model_parallel_size}, "
               f"PP={cfg.parallel.pipeline_model_parallel_size}, DP={cfg.data_parallel_size}) ...", flush=True)
         return _launch(argv, nproc, Path(cfg.run.run_dir))
