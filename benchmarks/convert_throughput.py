@@ -158,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b", help="model size (default 1b)")
     ap.add_argument("--rounds", type=int, default=3, help="paired rounds (default 3)")
-    ap.add_argument("--workdir", default=None, help="scratch folder (default: a new temp folder, removed after); an hf/ checkpoint already in it is reused")
+    ap.add_argument("--workdir", default=None, help="scratch folder, new or empty or made by an earlier run (default: a new temp folder, removed after); an hf/ checkpoint already in it is reused")
     ap.add_argument("--threads", type=int, default=1, help="producer threads for hf->megatron (default 1)")
     ap.add_argument("--no-extras", action="store_true", help="skip the copy and megatron->hf steps")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
@@ -167,11 +167,24 @@ def main() -> None:
         ap.error(f"--rounds={args.rounds}: expected a positive integer")
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="convert_bench_"))
+    if args.workdir is not None:
+        # The benchmark removes and re-creates hf/, mg/, back/, copy/ and ucopy/ in its
+        # folder: only in a folder it made (marked) or an empty / new one.
+        marker = work / WORKDIR_MARKER
+        if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not marker.exists())):
+            ap.error(f"--workdir {work}: exists and is not an earlier scratch folder of this "
+                     f"benchmark (no {WORKDIR_MARKER}); give a new or empty folder")
+        work.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     try:
         measure(args, work)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+WORKDIR_MARKER = ".convert-throughput-workdir"
+"""Marks a --workdir this benchmark created: the only kind it removes sub-folders from."""
 
 
 def measure(args: argparse.Namespace, work: Path) -> None:
