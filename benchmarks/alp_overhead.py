@@ -97,14 +97,17 @@ def _args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--kernel-bandwidth", action="store_true", help="CUDA only: fused kernel GB/s")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=None, help="write the results to this new file (an existing one is refused)")
     p.add_argument(
         "--compile-cache", choices=("fresh", "default"), default="fresh",
         help="inductor cache of this run: 'fresh' (an empty temporary directory: the cold "
         "compile cost) or 'default' (torch's own cache directory, possibly warm)",
     )
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.json and os.path.lexists(args.json):
+        p.error(f"--json {args.json}: exists; give a new file (results are never written over one)")
+    return args
 
 
 def _machine() -> str:
