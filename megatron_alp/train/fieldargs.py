@@ -67,13 +67,15 @@ def add_dataclass_flags(
     title: str,
     skip: tuple[str, ...] = (),
     renames: dict[str, str] | None = None,
+    group: Any = None,
 ) -> dict[str, str]:
     """Add one flag per field of ``cls`` in a new argument group; return ``{dest: field}``.
 
     ``skip`` fields get no flag (another flag carries them); ``renames`` maps a field to
-    a flag name of its own. Optional fields accept ``none`` for None.
+    a flag name of its own; ``group`` (an argument group of ``parser``) receives the flags
+    instead of a new group titled ``title``. Optional fields accept ``none`` for None.
     """
-    group = parser.add_argument_group(title)
+    group = group if group is not None else parser.add_argument_group(title)
     docs = field_docs(cls)
     dests: dict[str, str] = {}
     for f in dataclasses.fields(cls):
