@@ -1,7 +1,8 @@
 """The trainer's arguments: megatron-core's own parser plus our groups, mapped to small configs.
 
-``megatron.training.arguments.parse_args`` parses the command line, so every Megatron flag
-means what it means there (parallel sizes, batch sizes, optimizer, LR schedule,
+megatron-core's own flags (``add_megatron_arguments``) are parsed with the trainer's groups
+on one parser (``args/parser.py``: one-line errors, ``--help`` / ``--help-all``), so every
+Megatron flag means what it means there (parallel sizes, batch sizes, optimizer, LR schedule,
 checkpointing, exits, wandb / TensorBoard). Its RL group is reused where the meaning
 matches (``--grpo-*``, ``--rl-default-temperature/-top-p/-top-k``, ``--rl-generation-lag``,
 ``--rl-verify-model-weights-swap``). Ours come in one group each: ``--alp-*`` (generated
@@ -21,8 +22,6 @@ before any process group exists. The model architecture comes from ``--hf-model`
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -34,14 +33,15 @@ from megatron_alp.perturbation.config import ALPConfig
 from megatron_alp.rl.losses import PolicyLossConfig
 from megatron_alp.train.args import megatron as mg
 from megatron_alp.train.args import run as run_args
-from megatron_alp.train.args.alp import add_alp_flags, resolve_alp
-from megatron_alp.train.args.config_file import read_config, yaml_train_argv
-from megatron_alp.train.args.fleet import add_fleet_flags, engine_kwargs
-from megatron_alp.train.args.multiturn import add_multiturn_flags, check_multiturn
-from megatron_alp.train.args.objective import add_objective_flags, resolve_loss
-from megatron_alp.train.args.run import ROLLOUT_DTYPES, add_run_flags
+from megatron_alp.train.args.alp import resolve_alp
+from megatron_alp.train.args.config_file import check_train_section, read_config, yaml_train_argv
+from megatron_alp.train.args.fleet import engine_kwargs
+from megatron_alp.train.args.multiturn import check_multiturn
+from megatron_alp.train.args.objective import resolve_loss
+from megatron_alp.train.args.parser import TrainerParser, UsageError, build_parser, parse_words, print_help_if_asked
+from megatron_alp.train.args.run import ROLLOUT_DTYPES
 
-__all__ = ["ROLLOUT_DTYPES", "RunConfig", "TrainConfig", "config_json", "parse_args"]
+__all__ = ["ROLLOUT_DTYPES", "RunConfig", "TrainConfig", "UsageError", "config_json", "parse_args"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
@@ -164,61 +164,42 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- parsing
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron ``extra_args_provider``: the trainer's groups (run, objective, ALP, fleet,
-    multi-turn), each defined in its module under ``megatron_alp/train/args/``."""
-    add_run_flags(parser)
-    add_objective_flags(parser)
-    add_alp_flags(parser)
-    add_fleet_flags(parser)
-    add_multiturn_flags(parser)
-    return parser
-
-
-@contextlib.contextmanager
-def _argv(argv: Sequence[str]):
-    saved = sys.argv
-    sys.argv = ["python -m megatron_alp.train", *argv]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = None) -> TrainConfig:
     """Parse and validate the trainer's command line (see the module docstring).
 
     ``world_size`` defaults to ``WORLD_SIZE`` (torchrun), else ``--nproc``, else TP x PP x CP.
-    argparse errors exit 2 with argparse's message; everything else is a ``ValueError``.
+    Every problem is a one-line ``ValueError`` (:class:`UsageError` for what argparse refuses);
+    ``-h`` / ``--help`` / ``--help-all`` print the help and raise ``SystemExit(0)``.
     Each argument group checks its own flags (``megatron_alp/train/args/``).
     """
-    from megatron.training.arguments import parse_args as megatron_parse_args
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    print_help_if_asked(argv)
+    parser = build_parser()
     # --config first: its `train:` flags go before the command line so that it wins.
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = TrainerParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     cfg_path, cfg_data = (None, {})
     if known.config:
         cfg_path, cfg_data = read_config(known.config)
+        check_train_section(parser, cfg_path, cfg_data.get("train"), lambda w: parse_words(parser, w))
     full_argv = yaml_train_argv(cfg_path, cfg_data.get("train")) + argv
-    with _argv(full_argv):
-        args = megatron_parse_args(extra_args_provider=add_arguments)
+    args = parse_words(parser, full_argv)
 
     hf = run_args.hf_config(args.hf_model)
     run_args.fill_model_args(args, full_argv, hf)
     preset, loss = resolve_loss(args, full_argv, cfg_path, cfg_data)
     alp = resolve_alp(args, cfg_path, cfg_data, preset, loss)
-    parallel, world_size, dp = mg.parallel_layout(args, hf, world_size)
     run_args.check_run(args)
+    mg.check_optimizer(args)
+    parallel, world_size, dp = mg.parallel_layout(args, hf, world_size)
     gbs = mg.check_batches(args, dp)
     mg.check_sampling(args)
     seq_length, max_prompt = mg.sequence_lengths(args, full_argv)
     estimator = run_args.check_registries(args, cfg_data)
     inputs = run_args.input_paths(args)
     load = mg.check_checkpointing(args, inputs)
-    run_args.check_run_dir(args, inputs)
+    run_dir = run_args.check_run_dir(args, inputs)
     check_multiturn(args)
     mg.validate_with_megatron(args, world_size)
 
@@ -244,7 +225,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         verify_weights_swap=bool(args.rl_verify_model_weights_swap),
         engine_sleep_level=run_args.engine_sleep_level(args),
         engine_kwargs=engine_kwargs(args),
-        run_dir=Path(args.rl_run_dir or args.save or "runs/latest"),
+        run_dir=run_dir,
         nproc=args.nproc,
         max_turns=args.rl_max_turns,
         sandbox=args.rl_sandbox,

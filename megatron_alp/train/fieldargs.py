@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import typing
 from typing import Any
@@ -85,7 +86,8 @@ def add_dataclass_flags(
         dest = flag.lstrip("-").replace("-", "_")
         default = f.default if f.default is not dataclasses.MISSING else None
         ptype, choices = _parser_type(cls, f)
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", docs.get(f.name, "")).replace("``", "`")  # reST -> text
+        help_text = f"{doc} (default: {default!r})".replace("%", "%%")
         if ptype is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)

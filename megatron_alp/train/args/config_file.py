@@ -104,9 +104,6 @@ def section_fields(path: Path | None, section: str, data: dict, cls: type, *,
         import difflib
 
         close = difflib.get_close_matches(str(unknown[0]), sorted(fields), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(
-            f"--config {path}: {section}.{unknown[0]} is not a {cls.__name__} field{hint}; valid: "
-            f"{', '.join(sorted(fields))}"
-        )
+        hint = f" (did you mean {close[0]}?)" if close else f"; valid: {', '.join(sorted(fields))}"
+        raise ValueError(f"--config {path}: {section}.{unknown[0]} is not a field of {cls.__name__}{hint}")
     return values

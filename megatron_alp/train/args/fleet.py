@@ -40,6 +40,12 @@ def add_fleet_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The fleet's ``create_engine`` arguments; fleet flags with another engine are refused."""
+    for flag in ("--rl-fleet-engines", "--rl-fleet-max-in-flight", "--rl-fleet-rows-per-request"):
+        if value(args, flag) is not None:
+            positive(flag, value(args, flag))
+    port = args.rl_fleet_sync_port
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--rl-fleet-sync-port={port} is invalid; expected a TCP port 1..65535")
     if args.rl_rollout_engine != "fleet":
         given = [flag for flag in FLEET_ONLY if value(args, flag) is not None]
         if given:

@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_alp.parallel import ParallelConfig
-from megatron_alp.train.args.common import given, positive
+from megatron_alp.train.args.common import given, positive, value
 
-__all__ = ["USED", "check_batches", "check_checkpointing", "check_sampling", "optimizer_settings",
+__all__ = ["USED", "check_batches", "check_checkpointing", "check_optimizer", "check_sampling", "optimizer_settings",
            "parallel_layout", "scheduler_settings", "sequence_lengths", "validate_with_megatron"]
 
 USED: dict[str, dict[str, str]] = {
@@ -43,6 +44,17 @@ USED: dict[str, dict[str, str]] = {
         "--use-distributed-optimizer": "shard the optimizer state over DP",
         "--recompute-granularity": "activation recomputation: full or selective",
         "--seed": "seed of the model, the prompt order, the rollouts and ALP's noise",
+        "--context-parallel-size": "must stay 1: the trainer's batch split is not CP-aware yet",
+        "--fp16": "refused (use --bf16, or fp32 by default)",
+    },
+    "Megatron flags: model shape (from --hf-model's config.json; given, they must agree)": {
+        "--num-layers": "transformer layers",
+        "--hidden-size": "hidden size",
+        "--ffn-hidden-size": "MLP size",
+        "--num-attention-heads": "attention heads",
+        "--num-query-groups": "KV heads",
+        "--kv-channels": "head size",
+        "--max-position-embeddings": "longest sequence; bounds --seq-length",
     },
     "Megatron flags: optimizer and schedule (counted in RL steps)": {
         "--lr": "peak learning rate of the policy (default 1e-6)",
@@ -91,6 +103,10 @@ USED: dict[str, dict[str, str]] = {
 
 def parallel_layout(args: argparse.Namespace, hf: Any, world_size: int | None) -> tuple[ParallelConfig, int, int]:
     """(ParallelConfig, world size, DP size); the model's shapes must fit the layout."""
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                 "--context-parallel-size", "--num-layers-per-virtual-pipeline-stage"):
+        if value(args, flag) is not None:
+            positive(flag, value(args, flag))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     cp = args.context_parallel_size
     vpp = None
@@ -124,6 +140,8 @@ def check_batches(args: argparse.Namespace, dp: int) -> int:
     """Batch sizes and the RL group's counts; returns the global batch size."""
     mbs, gbs = args.micro_batch_size, args.global_batch_size
     positive("--micro-batch-size", mbs)
+    if gbs is not None:
+        positive("--global-batch-size", gbs)
     positive("--grpo-prompts-per-step", args.grpo_prompts_per_step)
     positive("--grpo-group-size", args.grpo_group_size)
     positive("--grpo-iterations", args.grpo_iterations)
@@ -233,6 +251,36 @@ def check_checkpointing(args: argparse.Namespace, inputs: dict[str, Path]) -> Pa
             "objectives are CP-ready; the trainer's batch split is not)"
         )
     return load
+
+
+def check_optimizer(args: argparse.Namespace) -> None:
+    """Ranges of the optimizer and schedule flags (torch's Adam would refuse them on every
+    rank after start-up; here they are one line before any rank starts)."""
+    lr = args.lr
+    if lr is not None and not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"--lr={lr} is invalid; expected a learning rate >= 0")
+    min_lr = args.min_lr
+    if min_lr is not None and not (math.isfinite(min_lr) and min_lr >= 0):
+        raise ValueError(f"--min-lr={min_lr} is invalid; expected >= 0 (and <= --lr)")
+    peak = lr if lr is not None else 1e-6
+    if min_lr and min_lr > peak:
+        raise ValueError(f"--min-lr={min_lr} is above --lr={peak}; expected 0 <= --min-lr <= --lr")
+    for flag in ("--weight-decay", "--start-weight-decay", "--end-weight-decay", "--clip-grad", "--adam-eps"):
+        v = value(args, flag)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flag}={v} is invalid; expected a finite number >= 0")
+    for flag in ("--adam-beta1", "--adam-beta2"):
+        v = value(args, flag)
+        if not 0 <= v < 1:
+            raise ValueError(f"{flag}={v} is invalid; expected 0 <= beta < 1")
+    for flag in ("--lr-warmup-iters", "--seed"):
+        v = value(args, flag)
+        if v is not None and v < 0:
+            raise ValueError(f"{flag}={v} is invalid; expected an integer >= 0")
+    for flag in ("--lr-decay-iters", "--exit-interval", "--seq-length"):
+        v = value(args, flag)
+        if v is not None:
+            positive(flag, v)
 
 
 def optimizer_settings(args: argparse.Namespace) -> dict[str, Any]:

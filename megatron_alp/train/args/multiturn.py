@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from megatron_alp.train.args.common import positive
@@ -37,6 +38,10 @@ def check_multiturn(args: argparse.Namespace) -> None:
     """Multi-turn flags; with a local sandbox, isolation must work here (its own message)."""
     positive("--rl-max-turns", args.rl_max_turns)
     positive("--rl-sandbox-concurrency", args.rl_sandbox_concurrency)
+    positive("--rl-sandbox-memory-mb", args.rl_sandbox_memory_mb)
+    t = args.rl_sandbox_timeout_s
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"--rl-sandbox-timeout-s={t} is invalid; expected seconds > 0")
     if args.rl_max_turns == 1:
         return
     from megatron_alp.sandbox import SandboxLimits, SandboxUnavailable

@@ -30,9 +30,9 @@ _DESTS: dict[str, str] = {}
 
 
 def add_objective_flags(parser: argparse.ArgumentParser) -> None:
-    title = ("megatron-alp objective (--rl-loss-* override fields of the --rl-loss preset; clip "
-             "bounds, KL and entropy weights are Megatron's --grpo-* flags)")
-    group = parser.add_argument_group(title)
+    title = "megatron-alp objective"
+    group = parser.add_argument_group(title, "--rl-loss-* override fields of the --rl-loss preset; "
+                                      "clip bounds, KL and entropy weights are Megatron's --grpo-* flags")
     group.add_argument("--rl-loss", default=None, metavar="PRESET",
                        help=f"policy-loss preset: {', '.join(available_policy_losses())} (default: "
                             "the --config preset's, else token-alp)")

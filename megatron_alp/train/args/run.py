@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from megatron_alp.train.args.common import given, positive
+from megatron_alp.train.args.common import given, positive, value
 
 __all__ = ["ROLLOUT_DTYPES", "add_run_flags", "check_run", "engine_sleep_level", "hf_config",
            "fill_model_args", "input_paths"]
@@ -27,10 +27,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="training prompts, JSONL or Parquet with fields `prompt` and `answer`")
     g.add_argument("--rl-eval-data", default=None, metavar="FILE",
                    help="evaluation prompts (same format); evaluated every --rl-eval-interval steps")
-    g.add_argument("--rl-reward", default="math-verify",
+    g.add_argument("--rl-reward", default="math-verify", metavar="NAME",
                    help="reward function: math-verify (last \\boxed{} vs answer, symbolic) or "
                         "exact-match (default: math-verify)")
-    g.add_argument("--rl-rollout-engine", default="local",
+    g.add_argument("--rl-rollout-engine", default="local", metavar="NAME",
                    help="rollout engine registry name: local (HF transformers in-process, the CPU "
                         "default), fleet, vllm, ... (default: local)")
     g.add_argument("--rl-rollout-dtype", default="bf16", choices=ROLLOUT_DTYPES,
@@ -41,22 +41,22 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "(every sync re-sends all weights, so 2 loses nothing); it wakes at the next "
                         "weight sync. 0: never sleep. auto: 2 for engines that can sleep, else 0 "
                         "(default: auto)")
-    g.add_argument("--rl-max-new-tokens", type=int, default=256,
+    g.add_argument("--rl-max-new-tokens", type=int, default=256, metavar="N",
                    help="maximum response tokens per completion (default: 256)")
-    g.add_argument("--rl-max-prompt-length", type=int, default=None,
+    g.add_argument("--rl-max-prompt-length", type=int, default=None, metavar="N",
                    help="longer prompts are refused (default: --seq-length - --rl-max-new-tokens, "
                         "or 1024 when --seq-length is not given)")
-    g.add_argument("--rl-eval-interval", type=int, default=0,
+    g.add_argument("--rl-eval-interval", type=int, default=0, metavar="N",
                    help="evaluate every N RL steps and at the end (0: only at the end when "
                         "--rl-eval-data is given; default 0)")
-    g.add_argument("--rl-eval-samples", type=int, default=4,
+    g.add_argument("--rl-eval-samples", type=int, default=4, metavar="N",
                    help="completions per eval prompt (mean@n and unbiased pass@k; default 4)")
-    g.add_argument("--rl-advantage-estimator", default=None,
+    g.add_argument("--rl-advantage-estimator", default=None, metavar="NAME",
                    help="advantage estimator (grpo, grpo-no-std, rloo; default: the preset's, grpo)")
     g.add_argument("--rl-run-dir", default=None, metavar="DIR",
                    help="where metrics.jsonl, config.json and plots go (default: --save, else "
                         "runs/latest)")
-    g.add_argument("--nproc", type=int, default=None,
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="ranks to spawn when started as `python -m megatron_alp.train` (not under "
                         "torchrun); default TP x PP x CP")
 
@@ -112,6 +112,9 @@ def check_run(args: argparse.Namespace) -> None:
     """Numbers of the run group."""
     positive("--rl-max-new-tokens", args.rl_max_new_tokens)
     positive("--rl-eval-samples", args.rl_eval_samples)
+    for flag in ("--rl-max-prompt-length", "--nproc"):
+        if value(args, flag) is not None:
+            positive(flag, value(args, flag))
     if args.rl_eval_interval < 0:
         raise ValueError(f"--rl-eval-interval={args.rl_eval_interval} is invalid; expected >= 0")
 
@@ -151,9 +154,18 @@ def input_paths(args: argparse.Namespace) -> dict[str, Path]:
     return inputs
 
 
-def check_run_dir(args: argparse.Namespace, inputs: dict[str, Path]) -> None:
-    """``--rl-run-dir`` never overlaps an input."""
+def run_dir_flag(args: argparse.Namespace) -> str:
+    """The flag that chose the run folder (for messages)."""
+    if args.rl_run_dir:
+        return "--rl-run-dir"
+    return "--save (the run folder without --rl-run-dir)" if args.save else "the default run folder"
+
+
+def check_run_dir(args: argparse.Namespace, inputs: dict[str, Path]) -> Path:
+    """The run folder: never overlapping an input, and written only if this trainer wrote it
+    (``megatron_alp/train/rundir.py``). Returns it."""
     from megatron_alp.train.checkpoint import overlapping_input
+    from megatron_alp.train.rundir import check_run_dir as check_owned
 
     if args.rl_run_dir:
         hit = overlapping_input(Path(args.rl_run_dir), inputs)
@@ -162,6 +174,9 @@ def check_run_dir(args: argparse.Namespace, inputs: dict[str, Path]) -> None:
                 f"--rl-run-dir {args.rl_run_dir} overlaps {hit[0]} {hit[1]} (equal, containing or "
                 "inside it); metrics, config.json and plots are written there: choose another folder"
             )
+    run_dir = Path(args.rl_run_dir or args.save or "runs/latest")
+    check_owned(run_dir, run_dir_flag(args))
+    return run_dir
 
 
 def engine_sleep_level(args: argparse.Namespace) -> int:
