@@ -164,6 +164,40 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- parsing
+def _run_config(args: Any, *, max_prompt: int, estimator: str, run_dir: Path) -> RunConfig:
+    """The checked flags of the run, fleet and multi-turn groups as a :class:`RunConfig`."""
+    return RunConfig(
+        hf_model=Path(args.hf_model),
+        prompt_data=Path(args.rl_prompt_data),
+        eval_data=Path(args.rl_eval_data) if args.rl_eval_data else None,
+        reward=args.rl_reward,
+        rollout_engine=args.rl_rollout_engine,
+        rollout_dtype=args.rl_rollout_dtype,
+        prompts_per_step=args.grpo_prompts_per_step,
+        group_size=args.grpo_group_size,
+        iterations=args.grpo_iterations,
+        generation_lag=args.rl_generation_lag,
+        temperature=float(args.rl_default_temperature),
+        top_p=1.0,
+        top_k=-1,
+        max_new_tokens=args.rl_max_new_tokens,
+        max_prompt_length=max_prompt,
+        eval_interval=args.rl_eval_interval,
+        eval_samples=args.rl_eval_samples,
+        advantage_estimator=estimator,
+        verify_weights_swap=bool(args.rl_verify_model_weights_swap),
+        engine_sleep_level=run_args.engine_sleep_level(args),
+        engine_kwargs=engine_kwargs(args),
+        run_dir=run_dir,
+        nproc=args.nproc,
+        max_turns=args.rl_max_turns,
+        sandbox=args.rl_sandbox,
+        sandbox_concurrency=args.rl_sandbox_concurrency,
+        sandbox_timeout_s=float(args.rl_sandbox_timeout_s),
+        sandbox_memory_mb=args.rl_sandbox_memory_mb,
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = None) -> TrainConfig:
     """Parse and validate the trainer's command line (see the module docstring).
 
@@ -203,36 +237,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
     check_multiturn(args)
     mg.validate_with_megatron(args, world_size)
 
-    run = RunConfig(
-        hf_model=Path(args.hf_model),
-        prompt_data=Path(args.rl_prompt_data),
-        eval_data=Path(args.rl_eval_data) if args.rl_eval_data else None,
-        reward=args.rl_reward,
-        rollout_engine=args.rl_rollout_engine,
-        rollout_dtype=args.rl_rollout_dtype,
-        prompts_per_step=args.grpo_prompts_per_step,
-        group_size=args.grpo_group_size,
-        iterations=args.grpo_iterations,
-        generation_lag=args.rl_generation_lag,
-        temperature=float(args.rl_default_temperature),
-        top_p=1.0,
-        top_k=-1,
-        max_new_tokens=args.rl_max_new_tokens,
-        max_prompt_length=max_prompt,
-        eval_interval=args.rl_eval_interval,
-        eval_samples=args.rl_eval_samples,
-        advantage_estimator=estimator,
-        verify_weights_swap=bool(args.rl_verify_model_weights_swap),
-        engine_sleep_level=run_args.engine_sleep_level(args),
-        engine_kwargs=engine_kwargs(args),
-        run_dir=run_dir,
-        nproc=args.nproc,
-        max_turns=args.rl_max_turns,
-        sandbox=args.rl_sandbox,
-        sandbox_concurrency=args.rl_sandbox_concurrency,
-        sandbox_timeout_s=float(args.rl_sandbox_timeout_s),
-        sandbox_memory_mb=args.rl_sandbox_memory_mb,
-    )
+    run = _run_config(args, max_prompt=max_prompt, estimator=estimator, run_dir=run_dir)
     return TrainConfig(
         parallel=parallel,
         world_size=world_size,

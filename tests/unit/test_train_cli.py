@@ -212,7 +212,7 @@ def test_help_all_lists_megatrons_whole_parser(capsys, monkeypatch):
 # ------------------------------------------------------------------------------ the run folder
 def test_foreign_files_in_the_run_folder_are_refused_and_unchanged(assets, tmp_path):
     from megatron_alp.train.arguments import parse_args
-    from megatron_alp.train.rundir import claim_run_dir
+    from megatron_alp.rundir import claim_run_dir
 
     for name in ("config.json", "metrics.jsonl", "logs", "plots"):
         run = tmp_path / name.replace(".", "_")
@@ -260,7 +260,7 @@ def test_the_issues_save_folder_through_the_command(assets, tmp_path):
 def test_a_run_of_its_own_resumes_and_appends(assets, tmp_path):
     from megatron_alp.train.arguments import parse_args
     from megatron_alp.train.logging import RunLogger
-    from megatron_alp.train.rundir import MARKER, claim_run_dir
+    from megatron_alp.rundir import MARKER, claim_run_dir
 
     run = tmp_path / "run"
     cfg = parse_args(base(assets, run), world_size=None)  # a new folder: fine
@@ -281,7 +281,7 @@ def test_a_run_of_its_own_resumes_and_appends(assets, tmp_path):
 
 def test_an_empty_or_unrelated_folder_is_claimed(assets, tmp_path):
     from megatron_alp.train.arguments import parse_args
-    from megatron_alp.train.rundir import MARKER, claim_run_dir
+    from megatron_alp.rundir import MARKER, claim_run_dir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -289,3 +289,23 @@ def test_an_empty_or_unrelated_folder_is_claimed(assets, tmp_path):
     parse_args(base(assets, run), world_size=None)
     claim_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == [MARKER, "notes.txt"]
+
+
+def test_plot_command_replaces_only_the_plots_of_a_trainer_run(tmp_path, capsys):
+    from megatron_alp.plot import main as plot_main
+    from megatron_alp.rundir import claim_run_dir
+
+    run = tmp_path / "theirs"
+    (run / "plots").mkdir(parents=True)
+    (run / "plots" / "reward.png").write_bytes(b"the user's own")
+    (run / "metrics.jsonl").write_text('{"step": 1, "critic/score/mean": 0.5}\n')
+    assert plot_main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no .megatron-alp-run" in err, err
+    assert (run / "plots" / "reward.png").read_bytes() == b"the user's own"
+    ours = tmp_path / "ours"
+    claim_run_dir(ours)
+    (ours / "plots").mkdir()
+    (ours / "metrics.jsonl").write_text('{"step": 1, "critic/score/mean": 0.5}\n{"step": 2, "critic/score/mean": 0.7}\n')
+    assert plot_main([str(ours)]) == 0
+    assert (ours / "plots" / "reward.png").stat().st_size > 1000

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import os
 import sys
 from typing import Sequence
 
@@ -105,8 +106,6 @@ def parse_words(parser: TrainerParser, words: Sequence[str]) -> argparse.Namespa
     if args.yaml_cfg is not None:
         raise UsageError(f"--yaml-cfg {args.yaml_cfg}: Megatron's experimental YAML is not read by "
                          "this trainer; use --config FILE.yaml")
-    import os
-
     args.rank = int(os.getenv("RANK", "0"))
     args.world_size = int(os.getenv("WORLD_SIZE", "1"))
     from megatron.core.msc_utils import MultiStorageClientFeature

@@ -163,9 +163,9 @@ def run_dir_flag(args: argparse.Namespace) -> str:
 
 def check_run_dir(args: argparse.Namespace, inputs: dict[str, Path]) -> Path:
     """The run folder: never overlapping an input, and written only if this trainer wrote it
-    (``megatron_alp/train/rundir.py``). Returns it."""
+    (``megatron_alp/rundir.py``). Returns it."""
     from megatron_alp.train.checkpoint import overlapping_input
-    from megatron_alp.train.rundir import check_run_dir as check_owned
+    from megatron_alp.rundir import check_run_dir as check_owned
 
     if args.rl_run_dir:
         hit = overlapping_input(Path(args.rl_run_dir), inputs)
