@@ -279,6 +279,27 @@ def test_a_run_of_its_own_resumes_and_appends(assets, tmp_path):
     assert [(r["step"], r["x"]) for r in got] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
+def test_a_save_folder_of_an_earlier_version_is_still_ours(assets, tmp_path):
+    """--save = run folder of a run from before the marker: its checkpoint carries the trainer's
+    checkpoint marker, so the resumed run may append to its metrics.jsonl."""
+    from megatron_alp.train.arguments import parse_args
+    from megatron_alp.train.checkpoint import LATEST, MARKER as CKPT_MARKER, iter_dir
+
+    save = tmp_path / "save"
+    (iter_dir(save, 2)).mkdir(parents=True)
+    (iter_dir(save, 2) / ".metadata").write_text("")
+    (iter_dir(save, 2) / CKPT_MARKER).write_text("")
+    (save / LATEST).write_text("2\n")
+    (save / "metrics.jsonl").write_text('{"step": 1}\n')
+    argv = [a for a in base(assets, save, "--save", str(save), "--load", str(save))]
+    i = argv.index("--rl-run-dir")
+    del argv[i:i + 2]
+    assert parse_args(argv, world_size=None).run.run_dir == save
+    (iter_dir(save, 2) / CKPT_MARKER).unlink()  # somebody else's checkpoint: both refused
+    with pytest.raises(ValueError, match="did not write"):
+        parse_args(argv, world_size=None)
+
+
 def test_an_empty_or_unrelated_folder_is_claimed(assets, tmp_path):
     from megatron_alp.train.arguments import parse_args
     from megatron_alp.rundir import MARKER, claim_run_dir
