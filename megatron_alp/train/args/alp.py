@@ -24,6 +24,9 @@ def add_alp_flags(parser: argparse.ArgumentParser) -> None:
         parser, ALPConfig, prefix="alp", title="megatron-alp ALP (adaptive layerwise perturbation)",
         renames={"enabled": "--alp"},
     ))
+    parser._option_string_actions["--alp"].help = (  # noqa: SLF001 - the field's doc does not apply here
+        "on exactly when the objective perturbs (the *-alp presets); --alp with another preset, or "
+        "--no-alp with an ALP preset, is refused (default: the preset's)")
 
 
 def resolve_alp(args: argparse.Namespace, cfg_path: Path | None, cfg_data: dict, preset: str,
