@@ -1,6 +1,7 @@
 """Draw a run's curves from its ``metrics.jsonl``: ``python -m megatron_alp.plot RUN_DIR``.
 
-Writes PNGs into ``RUN_DIR/plots/`` (replacing only the PNGs this command wrote):
+Writes PNGs into ``RUN_DIR/plots/`` (replacing only the PNGs this command wrote; an existing
+``plots/`` in a folder the trainer did not write, no ``.megatron-alp-run`` marker, is refused):
 ``reward.png`` (mean score), ``response_length.png``, ``mismatch.png`` (ratio tail
 quantiles q99 / q99.9 / max and ``rollout_corr/kl`` / ``k3_kl`` on log scales),
 ``sigma.png`` (ALP sigma per layer), ``eval.png`` (validation mean@n and pass@k).
@@ -58,6 +59,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if not rows:
         raise ValueError(f"{path}: no steps logged yet")
     out_dir = run_dir / "plots"
+    from megatron_alp.rundir import MARKER
+
+    if out_dir.exists() and not (run_dir / MARKER).is_file():
+        raise ValueError(
+            f"{out_dir} exists but {run_dir} has no {MARKER}: the trainer did not write this folder, "
+            "and this command replaces only plots of its runs; move plots/ away or copy "
+            "metrics.jsonl to a folder of its own"
+        )
     out_dir.mkdir(exist_ok=True)
     written: list[Path] = []
 

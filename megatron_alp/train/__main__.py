@@ -100,7 +100,9 @@ def _run_rank(argv: list[str]) -> int:
 
 def _launch(argv: list[str], nproc: int, run_dir: Path) -> int:
     from megatron_alp.launch import free_port
+    from megatron_alp.rundir import claim_run_dir
 
+    claim_run_dir(run_dir)
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()

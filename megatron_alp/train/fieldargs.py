@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import typing
 from typing import Any
@@ -67,13 +68,15 @@ def add_dataclass_flags(
     title: str,
     skip: tuple[str, ...] = (),
     renames: dict[str, str] | None = None,
+    group: Any = None,
 ) -> dict[str, str]:
     """Add one flag per field of ``cls`` in a new argument group; return ``{dest: field}``.
 
     ``skip`` fields get no flag (another flag carries them); ``renames`` maps a field to
-    a flag name of its own. Optional fields accept ``none`` for None.
+    a flag name of its own; ``group`` (an argument group of ``parser``) receives the flags
+    instead of a new group titled ``title``. Optional fields accept ``none`` for None.
     """
-    group = parser.add_argument_group(title)
+    group = group if group is not None else parser.add_argument_group(title)
     docs = field_docs(cls)
     dests: dict[str, str] = {}
     for f in dataclasses.fields(cls):
@@ -83,7 +86,8 @@ def add_dataclass_flags(
         dest = flag.lstrip("-").replace("-", "_")
         default = f.default if f.default is not dataclasses.MISSING else None
         ptype, choices = _parser_type(cls, f)
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", docs.get(f.name, "")).replace("``", "`")  # reST -> text
+        help_text = f"{doc} (default: {default!r})".replace("%", "%%")
         if ptype is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)

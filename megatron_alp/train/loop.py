@@ -541,6 +541,10 @@ def run(cfg: Any) -> dict[str, Any]:
                     resumed = tr.step
                 say(f"[train] loaded {folder}" + (f" (resuming after step {tr.step})" if state else " (weights only)"))
         tr.start_engine()
+        if rank == 0:
+            from megatron_alp.rundir import claim_run_dir
+
+            claim_run_dir(Path(cfg.run.run_dir))
         logger = RunLogger(cfg, active=rank == 0, resume_step=tr.step, wandb_id=tr.wandb_id)
         tr.wandb_id = logger.wandb_id
         if rank == 0:

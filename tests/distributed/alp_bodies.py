@@ -24,7 +24,7 @@ from megatron_alp.perturbation import (
 from megatron_alp.perturbation.function import NoiseSite, add_noise, site_noise
 from megatron_alp.perturbation.kernels import get_kernel
 from megatron_alp.schedule import forward_backward, wrap_ddp
-from megatron_alp.testing.layouts import (
+from tests.layouts import (
     LAYOUTS,
     canonical_state,
     cross_entropy_loss,

@@ -21,7 +21,7 @@ from megatron_alp.models import build_model, gpt_args_from_hf, transformer_confi
 from megatron_alp.models.sharding import gather_tp_full, iter_named_local_params, load_full_state
 from megatron_alp.models.tiny import tiny_hf_config
 from megatron_alp.perturbation import ALPConfig, is_alp_param, with_alp
-from megatron_alp.testing.layouts import LAYOUTS, canonical_state
+from tests.layouts import LAYOUTS, canonical_state
 
 SIGMA0 = 0.05
 N_LAYERS = 4
@@ -154,7 +154,7 @@ def _train_setup(args, layout: str, cfg: ALPConfig, full: dict):
 
 def _train_step(model, opt, ctx, step: int) -> None:
     from megatron_alp.schedule import forward_backward
-    from megatron_alp.testing.layouts import cross_entropy_loss
+    from tests.layouts import cross_entropy_loss
     from tests.distributed.alp_bodies import SEQ, make_batches
 
     for m in model:

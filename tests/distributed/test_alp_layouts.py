@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_alp.launch import RankGroup
-from megatron_alp.testing.layouts import merge_ranks
+from tests.layouts import merge_ranks
 from tests.distributed import alp_bodies as bodies
 
 REL = 1e-5

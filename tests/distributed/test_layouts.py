@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_alp.launch import RankGroup
-from megatron_alp.testing.layouts import LAYOUTS, canonical_state, merge_ranks, run_layout
+from tests.layouts import LAYOUTS, canonical_state, merge_ranks, run_layout
 from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
 
 ARCHS = {

@@ -14,7 +14,7 @@ from megatron_alp.models.sharding import load_full_state
 from megatron_alp.parallel import ParallelConfig
 from megatron_alp.schedule import forward_backward
 from megatron_alp.launch import RankGroup
-from megatron_alp.testing.layouts import canonical_state, cross_entropy_loss
+from tests.layouts import canonical_state, cross_entropy_loss
 from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
 
 BUCKET = 70_000  # bytes: forces many buckets on the tiny model (embedding is 65,536)

@@ -10,7 +10,7 @@ import torch
 
 from megatron_alp.launch import RankGroup
 from megatron_alp.models.tiny import tiny_batches, tiny_hf_config
-from megatron_alp.testing.layouts import LAYOUTS, canonical_state, merge_ranks, run_layout
+from tests.layouts import LAYOUTS, canonical_state, merge_ranks, run_layout
 
 RUNS = {name: (layout, overlap) for layout in ("tp1", "pp2_vpp2") for overlap, name in
         ((False, f"{layout}_sync"), (True, f"{layout}_overlap"))}

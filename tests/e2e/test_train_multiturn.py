@@ -62,7 +62,7 @@ def test_three_step_multiturn_seq_alp_runs_tools_every_step(assets, tmp_path):
     [
         (("--rl-max-turns", "0"), "--rl-max-turns=0 is invalid"),
         (("--rl-sandbox", "ftp://x"), "--rl-sandbox 'ftp://x': expected local or URL[,URL...]"),
-        (("--rl-sandbox-timeout-s", "0"), "SandboxLimits.timeout_s must be > 0"),
+        (("--rl-sandbox-timeout-s", "0"), "--rl-sandbox-timeout-s=0.0 is invalid; expected seconds > 0"),
         (("--rl-sandbox-concurrency", "0"), "--rl-sandbox-concurrency=0 is invalid"),
     ],
 )

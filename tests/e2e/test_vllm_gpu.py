@@ -218,7 +218,7 @@ def _export_body(endpoints: list[str], served: str, model_type: str, tie: bool) 
     from megatron_alp.models.sharding import load_full_state
     from megatron_alp.parallel import ParallelConfig
     from megatron_alp.rollout import create_engine
-    from megatron_alp.testing.layouts import canonical_state
+    from tests.layouts import canonical_state
 
     hf = _config(model_type, tie)
     full = canonical_state(hf, seed=5)

@@ -189,7 +189,7 @@ def test_float16_module_keeps_log_sigma_exactly():
 
 def test_forward_backward_takes_host_batches_and_step_key_draws_on_the_current_device():
     from megatron_alp.schedule import forward_backward, wrap_ddp
-    from megatron_alp.testing.layouts import cross_entropy_loss
+    from tests.layouts import cross_entropy_loss
 
     model, tc, _ = _build(ALP, dtype=torch.float32)
     ddp = wrap_ddp([model], tc)

@@ -29,7 +29,7 @@ def test_ranks_use_nccl_and_their_own_gpu(group):
 
 
 def test_tp2_sp_and_pp2_match_tp1_sigma_grads_included(group):
-    from megatron_alp.testing.layouts import merge_ranks
+    from tests.layouts import merge_ranks
     from tests.gpu import two_gpu_bodies as b
 
     per_rank = group.run(b.layouts)

@@ -13,7 +13,7 @@ from megatron_alp.models.sharding import iter_named_local_params, load_full_stat
 from megatron_alp.models.tiny import tiny_hf_config
 from megatron_alp.perturbation import alp_config_overrides, is_alp_param, step_key, with_alp
 from megatron_alp.schedule import forward_backward, wrap_ddp
-from megatron_alp.testing.layouts import LAYOUTS, cross_entropy_loss
+from tests.layouts import LAYOUTS, cross_entropy_loss
 from tests.distributed.alp_bodies import ALP, SEQ, NoiseContext, full_state, make_batches, sweep
 
 __all__ = ["device_info", "dist_optimizer", "layouts", "metrics_nccl", "step_keys"]

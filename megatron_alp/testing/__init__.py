@@ -1,1 +1,0 @@
-"""Test helpers shipped with the package (importable from spawned ranks)."""

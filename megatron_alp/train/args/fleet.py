@@ -1,0 +1,76 @@
+"""The fleet group: ``--rl-rollout-engine fleet`` (engines in their own processes, over HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from megatron_alp.train.args.common import positive, value
+
+__all__ = ["FLEET_ONLY", "add_fleet_flags", "engine_kwargs"]
+
+FLEET_ONLY = ("--rl-fleet-endpoints", "--rl-fleet-sync-port", "--rl-fleet-max-in-flight",
+              "--rl-fleet-rows-per-request")
+"""Flags that mean something only with ``--rl-rollout-engine fleet`` (refused otherwise)."""
+
+
+def add_fleet_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("megatron-alp fleet (--rl-rollout-engine fleet)")
+    g.add_argument("--rl-fleet-endpoints", default=None, metavar="URL[,URL...]",
+                   help="--rl-rollout-engine fleet: engine base URLs (http://host:port, started by "
+                        "python -m megatron_alp.rollout.fleet_launch); none: start --rl-fleet-engines "
+                        "local engines")
+    g.add_argument("--rl-fleet-backend", default="twin", choices=("twin", "vllm"),
+                   help="fleet engine kind: twin (the CPU twin: LocalEngine served over HTTP + gloo "
+                        "weight group) or vllm (vllm serve with our worker extension); default twin")
+    g.add_argument("--rl-fleet-max-in-flight", type=int, default=None, metavar="N",
+                   help="requests kept in flight per engine (each holds one client thread); "
+                        "default 8 for the twin, 64 for vLLM — raise it for large vLLM engines "
+                        "so their scheduler sees enough sequences to batch")
+    g.add_argument("--rl-fleet-rows-per-request", type=int, default=None, metavar="N",
+                   help="completions per request (a prompt's samples stay together so they share "
+                        "the engine's prefix cache); default 16 for the twin, 1 for vLLM")
+    g.add_argument("--rl-fleet-engines", type=int, default=2, metavar="N",
+                   help="engines of a locally started fleet (no --rl-fleet-endpoints; default 2)")
+    g.add_argument("--rl-fleet-sync-host", default="127.0.0.1", metavar="HOST",
+                   help="this trainer's address as the engines reach it (weight-sync rendezvous)")
+    g.add_argument("--rl-fleet-sync-port", type=int, default=None, metavar="PORT",
+                   help="first weight-sync rendezvous port (default: a free one)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The fleet's ``create_engine`` arguments; fleet flags with another engine are refused."""
+    for flag in ("--rl-fleet-engines", "--rl-fleet-max-in-flight", "--rl-fleet-rows-per-request"):
+        if value(args, flag) is not None:
+            positive(flag, value(args, flag))
+    port = args.rl_fleet_sync_port
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--rl-fleet-sync-port={port} is invalid; expected a TCP port 1..65535")
+    if args.rl_rollout_engine != "fleet":
+        given = [flag for flag in FLEET_ONLY if value(args, flag) is not None]
+        if given:
+            raise ValueError(
+                f"{given[0]} applies to --rl-rollout-engine fleet, not "
+                f"{args.rl_rollout_engine!r}; drop it or add --rl-rollout-engine fleet"
+            )
+        return {}
+    if args.rl_fleet_engines < 1:
+        raise ValueError(f"--rl-fleet-engines={args.rl_fleet_engines} is invalid; expected >= 1")
+    endpoints = [e.strip() for e in args.rl_fleet_endpoints.split(",")] if args.rl_fleet_endpoints else None
+    if endpoints is not None and not all(e.startswith(("http://", "https://")) for e in endpoints):
+        raise ValueError(
+            f"--rl-fleet-endpoints {args.rl_fleet_endpoints!r}: expected comma-separated http://host:port URLs"
+        )
+    kw: dict[str, Any] = dict(backend=args.rl_fleet_backend, sync_host=args.rl_fleet_sync_host,
+                              sync_port=args.rl_fleet_sync_port)
+    for flag, key in (("--rl-fleet-max-in-flight", "max_in_flight"),
+                      ("--rl-fleet-rows-per-request", "rows_per_request")):
+        v = value(args, flag)
+        if v is not None:
+            positive(flag, v)
+            kw[key] = v
+    if endpoints is None:
+        kw["num_engines"] = args.rl_fleet_engines
+    else:
+        kw["endpoints"] = endpoints
+    return kw
