@@ -67,7 +67,8 @@ class SandboxLimits:
             in_range = (low < v <= high) if name == "timeout_s" else (low <= v <= high)
             if not in_range:  # also refuses NaN and infinities
                 op = ">" if name == "timeout_s" else ">="
-                raise ValueError(f"SandboxLimits.{name} must be {op} {low:g} and <= {high:g}, "
+                lo, hi = (f"{low:g}", f"{high:g}") if real else (low, high)
+                raise ValueError(f"SandboxLimits.{name} must be {op} {lo} and <= {hi}, "
                                  f"got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
