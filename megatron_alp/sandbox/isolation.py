@@ -6,10 +6,11 @@ mount namespace that holds only read-only binds of the system (``/usr`` and its 
 ``/lib*`` links) and of the Python installation, a fresh ``/proc``, a minimal read-only
 ``/dev``, and three private size-limited tmpfs: ``/work`` (the working directory, holding
 the program as ``main.py``), ``/tmp`` and ``/dev/shm``; the root itself is read-only.
-No ``/etc``, no ``/home``, no project tree; the environment
-is cleared (``--clearenv``) and rebuilt from a fixed list. ``--die-with-parent``,
-``--new-session`` (no terminal injection) and ``--disable-userns`` (no nested user
-namespaces) are on.
+No ``/etc``, no ``/home``, no project tree; the environment is cleared (``--clearenv``)
+and rebuilt from a fixed list. ``--die-with-parent``, ``--new-session`` (no terminal
+injection) and ``--disable-userns`` (no nested user namespaces) are on, and a seccomp
+filter (:mod:`~megatron_alp.sandbox.seccomp`) denies ptrace, keyrings, bpf, mounts,
+namespaces, modules and the like.
 
 Limits are kernel rlimits, set by ``prlimit`` on the bwrap process and inherited by
 everything it starts: address space, CPU time, processes, file size, open files, no core
@@ -19,10 +20,20 @@ reserved by the pool with a lock file) and bwrap itself runs unprivileged as tha
 Without root the run keeps our uid and the process limit is "what this uid already runs
 plus ``max_processes``" (weaker: concurrent runs share it; see ``docs/sandbox.md``).
 
-The wall-clock limit kills bwrap; ``--die-with-parent`` then kills the sandbox's PID 1 and
-the kernel kills every process of the PID namespace with it. When a slot uid is used, the
-run also ends by checking that no process of that uid is left (and killing any it finds),
-so nothing outlives its request.
+Memory of the whole run: a cgroup per run (:mod:`~megatron_alp.sandbox.cgroup`) limited to
+``memory_mb`` where the host lets us make one; as root, SysV shared memory is bounded by
+the run's own IPC namespace (``shmall``, ``shm_rmid_forced``); what cannot be bounded is
+denied by seccomp (``shmget`` without root, ``memfd_create`` without a cgroup).
+
+Lifetime: every link of the launch chain has ``PR_SET_PDEATHSIG=SIGKILL`` (``setpriv``;
+set again after the uid change, which clears it), so a run dies with the thread that
+started it, i.e. with its owner; bwrap is init of the run's PID namespace, and its death
+takes every process of the run. The wall-clock limit kills the launcher's process group
+and the cgroup. As root, the run also ends by checking that no process of its uid is
+left (and killing any it finds), so nothing outlives its request.
+
+bwrap reports the program's exit status on ``--json-status-fd``; a run without that record
+is a failure of the sandbox (``killed_by="sandbox"``), never the program's exit code.
 
 Without a working bwrap nothing runs: :func:`find_bwrap` / :meth:`Isolation.check` raise
 :class:`SandboxUnavailable` saying what to install. There is no unisolated fallback.

@@ -41,7 +41,8 @@ class SandboxLimits:
     cpu_s: int = 10
     """CPU seconds per process (RLIMIT_CPU): SIGXCPU at the limit, SIGKILL one second later."""
     memory_mb: int = 1024
-    """Address space per process (RLIMIT_AS), MiB: larger allocations fail (MemoryError)."""
+    """Address space per process (RLIMIT_AS), MiB: larger allocations fail (MemoryError);
+    where a memory cgroup is available, also the whole run's memory (OOM kill past it)."""
     max_processes: int = 32
     """Processes + threads the code may have at once (RLIMIT_NPROC on a per-slot uid)."""
     max_file_mb: int = 16
