@@ -8,9 +8,9 @@ small programs (``print(i * 7)`` plus a listdir) at once:
 * ``service``: ``SandboxServer`` on 127.0.0.1 (``--concurrency`` runs at once, the rest
   queued) and ``SandboxClient`` with one request in flight per program;
 * ``pool``: ``SandboxPool.run_batch`` in-process, same concurrency;
-* ``bare``: the same trusted programs under plain ``subprocess.run([python, -c])``, all
-  submitted at once, ``--concurrency`` running, **no isolation**: the floor, to price
-  bubblewrap + rlimits.
+* ``bare``: the same trusted programs under plain ``subprocess.run([python, -c])`` (in a
+  session of their own, as the sandbox's launcher), all submitted at once,
+  ``--concurrency`` running, **no isolation**: the floor, to price the isolation.
 
 Latency is per request, from submission to result (so it includes queueing: with 200
 requests and 8 slots most of it is waiting). Printed per variant: p50 / p99 latency and
@@ -87,8 +87,11 @@ def main() -> None:
 
     def bare(code: str) -> str:
         with slots:  # same queueing as the others: n submitted at once, c running
+            # A session of its own, as the sandbox's launcher has: with the kernel's
+            # autogroup scheduling each session is its own CPU group, so on a busy host a
+            # floor that shares our session would get less CPU than the sandbox does.
             return subprocess.run([py, "-s", "-B", "-c", code], capture_output=True, text=True,
-                                  cwd="/tmp").stdout
+                                  cwd="/tmp", start_new_session=True).stdout
 
     variants = {
         # the client sends all n at once; the service queues beyond c

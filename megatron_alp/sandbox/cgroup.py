@@ -69,8 +69,8 @@ def _own_dir(fstype: str, root: str, mnt: str, opts: str) -> str | None:
     """Our own cgroup's directory under this mount, if the mount shows it."""
     for line in _read("/proc/self/cgroup").splitlines():
         _, ctrls, path = line.split(":", 2)
-        if (fstype == "cgroup2" and ctrls == "") or (
-                fstype == "cgroup" and "memory" in ctrls.split(",") and "memory" in opts.split(",")):
+        v1_memory = "memory" in ctrls.split(",") and "memory" in opts.split(",")
+        if (fstype == "cgroup2" and ctrls == "") or (fstype == "cgroup" and v1_memory):
             if root != "/" and not (path == root or path.startswith(root + "/")):
                 return None
             rel = path[len(root):] if root != "/" else path
@@ -244,7 +244,8 @@ def find_parent(setting: str = "auto") -> tuple[CgroupParent | None, str]:
         if fstype == "cgroup2":
             if _v2_usable(own):
                 return CgroupParent(own, 2), f"cgroup v2 under {own}"
-            reasons.append(f"cgroup v2 at {own} does not enable 'memory' for children we may create")
+            reasons.append(f"cgroup v2 at {own} does not enable 'memory' for children we "
+                           "may create")
         elif os.path.exists(f"{own}/memory.limit_in_bytes"):
             if os.access(own, os.W_OK):
                 return CgroupParent(own, 1), f"cgroup v1 memory under {own}"

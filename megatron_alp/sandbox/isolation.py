@@ -35,7 +35,7 @@ left (and killing any it finds), so nothing outlives its request.
 bwrap reports the program's exit status on ``--json-status-fd``; a run without that record
 is a failure of the sandbox (``killed_by="sandbox"``), never the program's exit code.
 
-Without a working bwrap nothing runs: :func:`find_bwrap` / :meth:`Isolation.check` raise
+Without a working bwrap nothing runs: :func:`find_bwrap` / :meth:`SandboxPool.check` raise
 :class:`SandboxUnavailable` saying what to install. There is no unisolated fallback.
 """
 
@@ -307,20 +307,11 @@ class Isolation:
         parent = self.cgroups[0]
         return parent.reap() if parent is not None else 0
 
-    def argv(self, limits: SandboxLimits, fds: dict[str, int], uid: int | None,
-             cgroup: RunCgroup | None = None) -> list[str]:
-        """The full command: setpriv (dies with us) -> [unshare, sh: IPC namespace, shm
-        limits, cgroup; setpriv: uid] -> prlimit (rlimits) -> bwrap (namespaces, mounts,
-        seccomp) -> python. ``fds``: ``code``, ``seccomp`` and ``status`` descriptors."""
-        feats = _bwrap_features(self._bwrap)
+    def _launcher(self, limits: SandboxLimits, uid: int | None,
+                  cgroup: RunCgroup | None) -> list[str]:
+        """setpriv (dies with us) -> [as root: unshare + sh: IPC namespace and its shm
+        limits; sh: join the cgroup] -> [as root: setpriv to the slot uid]."""
         tools = self._util_linux
-        py = self._python
-        prefix = _python_prefix(py)
-        nproc = limits.max_processes + _BWRAP_PROCESSES
-        if uid is None:
-            # Shared uid: the limit must sit above what this uid already runs.
-            nproc += len(_pids_of_uid(os.getuid())) * 4  # threads count too; be generous
-        cpu = limits.cpu_s
         # Dies when the thread that started it does (PR_SET_PDEATHSIG; the run() that
         # started it waits for it, so that thread outlives it unless the owner dies).
         argv = [tools["setpriv"], "--pdeathsig", "SIGKILL", "--"]
@@ -345,6 +336,23 @@ class Isolation:
         if uid is not None:
             argv += [tools["setpriv"], f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                      "--pdeathsig", "SIGKILL", "--"]
+        return argv
+
+    def argv(self, limits: SandboxLimits, fds: dict[str, int], uid: int | None,
+             cgroup: RunCgroup | None = None) -> list[str]:
+        """The full command: setpriv (dies with us) -> [unshare, sh: IPC namespace, shm
+        limits, cgroup; setpriv: uid] -> prlimit (rlimits) -> bwrap (namespaces, mounts,
+        seccomp) -> python. ``fds``: ``code``, ``seccomp`` and ``status`` descriptors."""
+        feats = _bwrap_features(self._bwrap)
+        tools = self._util_linux
+        py = self._python
+        prefix = _python_prefix(py)
+        nproc = limits.max_processes + _BWRAP_PROCESSES
+        if uid is None:
+            # Shared uid: the limit must sit above what this uid already runs.
+            nproc += len(_pids_of_uid(os.getuid())) * 4  # threads count too; be generous
+        cpu = limits.cpu_s
+        argv = self._launcher(limits, uid, cgroup)
         argv += [
             tools["prlimit"],
             f"--as={limits.memory_mb * _MiB}",

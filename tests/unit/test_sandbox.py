@@ -232,7 +232,8 @@ def test_refuses_without_bubblewrap():
 
 
 def test_limits_validation_names_the_field():
-    with pytest.raises(ValueError, match="SandboxLimits.timeout_s must be > 0 and <= 604800, got 0"):
+    with pytest.raises(ValueError,
+                       match="SandboxLimits.timeout_s must be > 0 and <= 604800, got 0"):
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError, match=r"unknown sandbox limit\(s\) \['bogus'\]"):
         SandboxLimits.from_dict({"bogus": 1})
