@@ -277,6 +277,20 @@ class Isolation:
         return py
 
     @functools.cached_property
+    def ipc_limits(self) -> bool:
+        """Whether runs get an IPC namespace with small SysV shm limits: as root, where a
+        new IPC namespace's ``/proc/sys/kernel/shm*`` can be written (not in a container
+        whose ``/proc/sys`` is read-only: there ``shmget`` is denied instead)."""
+        if not self.as_root:
+            return False
+        probe = subprocess.run(
+            [self._util_linux["unshare"], "--ipc", "--", _SH, "-c",
+             "echo 1 > /proc/sys/kernel/shm_rmid_forced"],
+            capture_output=True, timeout=30, env={},
+        )
+        return probe.returncode == 0
+
+    @functools.cached_property
     def cgroups(self) -> tuple[CgroupParent | None, str]:
         """Where per-run memory cgroups go (None: nowhere here) and why."""
         return find_parent(self.cgroup)
@@ -287,7 +301,8 @@ class Isolation:
         return {
             "memory_cgroup": why if parent else f"none ({why})",
             "sysv_shm": ("IPC namespace limits (shmall = memory_mb, shm_rmid_forced)"
-                         if self.as_root else "denied (shmget: EPERM; not root)"),
+                         if self.ipc_limits else "denied (shmget: EPERM; not root, or "
+                         "/proc/sys read-only)"),
             "memfd_create": ("allowed, counted by the run's memory cgroup" if parent
                              else "denied (EPERM; no memory cgroup)"),
             "seccomp": f"{len(DENIED)} calls denied",
@@ -296,7 +311,7 @@ class Isolation:
     def denied_extra(self, uid: int | None) -> tuple[str, ...]:
         """Calls denied on top of ``seccomp.DENIED`` for a run as ``uid``."""
         extra = []
-        if uid is None:  # no IPC namespace of our own to bound SysV shm in
+        if uid is None or not self.ipc_limits:  # no IPC namespace of ours to bound shm in
             extra.append("shmget")
         if self.cgroups[0] is None:  # nothing would count memfd pages
             extra.append("memfd_create")
@@ -318,7 +333,7 @@ class Isolation:
         script = ["set -e"]
         if cgroup is not None:
             script.append(f"echo 0 > {shlex.quote(cgroup.procs_file)}")
-        if uid is not None:
+        if uid is not None and self.ipc_limits:
             # As root: own IPC namespace with small SysV shm limits (a segment survives
             # detaching, so RLIMIT_AS does not see it: shmall bounds them all, and
             # shm_rmid_forced removes any no process has attached), and own PID
@@ -330,6 +345,8 @@ class Isolation:
                                ("shm_rmid_forced", 1)):
                 script.append(f"echo {value} > /proc/sys/kernel/{key}")
             argv += [tools["unshare"], "--ipc", "--pid", "--kill-child", "--"]
+        elif uid is not None:
+            argv += [tools["unshare"], "--pid", "--kill-child", "--"]
         if len(script) > 1:
             script.append('exec "$@"')
             argv += [_SH, "-c", "\n".join(script), "sandbox-launch"]
@@ -366,8 +383,8 @@ class Isolation:
             "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-uts",
             "--unshare-cgroup-try",
         ]
-        if uid is None:
-            argv += ["--unshare-ipc"]  # as root, the IPC namespace is unshare's (limits set)
+        if uid is None or not self.ipc_limits:
+            argv += ["--unshare-ipc"]  # else the IPC namespace is unshare's (limits set)
         argv += ["--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox",
                  "--seccomp", str(fds["seccomp"]), "--json-status-fd", str(fds["status"])]
         if "--disable-userns" in feats:

@@ -139,10 +139,11 @@ class SandboxPool:
         """Raise ``SandboxUnavailable`` unless an isolated run works right now."""
         res = self.isolation.run("print(6 * 7)", SandboxLimits(timeout_s=30.0), uid=self._check_uid)
         if res.stdout.strip() != "42":
+            why = f"; {res.sandbox_error}" if res.sandbox_error else ""
             raise SandboxUnavailable(
                 f"bubblewrap cannot start an isolated Python here (exit {res.exit_code}, "
-                f"stderr: {res.stderr.strip()[-500:]!r}); see docs/sandbox.md ('What to "
-                "install'): it needs unprivileged user namespaces. Untrusted code is not run."
+                f"stderr: {res.stderr.strip()[-500:]!r}{why}); see docs/sandbox.md ('What "
+                "to install'): it needs unprivileged user namespaces. Untrusted code is not run."
             )
 
     def run(self, code: str, limits: SandboxLimits | None = None) -> SandboxResult:

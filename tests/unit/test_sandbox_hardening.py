@@ -89,12 +89,23 @@ def _has_cgroup(pool: SandboxPool) -> bool:
 
 def test_sysv_shm_cannot_hold_more_than_the_limit(pool):
     res = pool.run(SHM_PROGRAM)
-    if pool.isolation.as_root:
+    if pool.isolation.ipc_limits:
         held = int(res.stdout.split()[1]) if res.stdout.startswith("held") else 0
         assert held <= LIMITS.memory_mb, res
         assert res.killed_by in (None, "memory"), res
-    else:  # no IPC namespace of our own to bound: SysV shm is refused
+    else:  # no IPC namespace of our own to bound (not root, /proc/sys read-only): refused
         assert "held 0 shmget EPERM" in res.stdout, res
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root path's fallback")
+def test_root_without_writable_ipc_sysctls_denies_shm():
+    """As root where /proc/sys is read-only (a container), shmget is denied instead."""
+    with SandboxPool(max_concurrency=1, limits=LIMITS) as p:
+        p.isolation.__dict__["ipc_limits"] = False  # what the probe finds in such a host
+        res = p.run(SHM_PROGRAM)
+        assert "held 0 shmget EPERM" in res.stdout, res
+        assert p.run("print(6 * 7)").stdout == "42\n"
+        assert p.isolation.guards()["sysv_shm"].startswith("denied")
 
 
 def test_memfd_cannot_hold_more_than_the_limit(pool):
