@@ -286,7 +286,7 @@ class SandboxServer:
         """Validate a /run body; ValueError naming the bad field."""
         try:
             doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
             raise ValueError(f"request body is not JSON: {e}") from None
         except RecursionError:
             raise ValueError("request body is JSON nested too deeply") from None

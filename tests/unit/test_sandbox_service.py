@@ -211,6 +211,9 @@ def test_deeply_nested_json_is_400(server):
     body = b'{"code": "1", "limits": ' + b"[" * depth + b"]" * depth + b"}"
     status, doc, _ = _raw(server.url, "POST", "/run", body)
     assert status == 400 and "nested too deeply" in doc["error"], doc
+    huge = b'{"code": "1", "limits": {"cpu_s": 1' + b"0" * 5000 + b"}}"
+    status, doc, _ = _raw(server.url, "POST", "/run", huge)
+    assert status == 400 and "not JSON" in doc["error"], doc  # past int's digit limit
     assert _raw(server.url, "GET", "/health")[0] == 200
 
 
