@@ -269,7 +269,7 @@ def test_slow_clients_meet_a_deadline_and_a_connection_cap():
         for c in slow:
             c.settimeout(0.2)
             got = b""
-            while True:
+            while time.monotonic() - t0 < 15.0:  # without a deadline it would never end
                 try:
                     c.sendall(b"X-Slow: 1\r\n")
                 except OSError:
@@ -284,7 +284,7 @@ def test_slow_clients_meet_a_deadline_and_a_connection_cap():
             replies.append((got, time.monotonic() - t0))
         for got, took in replies:
             assert got.startswith(b"HTTP/1.0 408"), got
-            assert took < 1.0 + 1.5, took  # the deadline, plus slack for a loaded machine
+            assert took < 1.0 + 3.0, took  # the deadline, plus slack for a loaded machine
         assert _wait_for_connections(s, 0)
         assert _raw(s.url, "GET", "/health")[0] == 200  # served again once they are gone
         assert s.health()["rejected"] == 1
