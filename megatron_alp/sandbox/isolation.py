@@ -428,6 +428,7 @@ class Isolation:
         None (our own uid). Blocks until the run and every process it started are gone."""
         if uid is not None and not self.as_root:
             raise ValueError(f"slot uid {uid} needs root; run with uid=None")
+        self._bwrap  # noqa: B018 (a missing bubblewrap is the first thing to say)
         parent = self.cgroups[0]
         cg = None
         if parent is not None:
