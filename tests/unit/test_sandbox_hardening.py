@@ -173,6 +173,53 @@ def test_seccomp_numbers_match_the_kernel_headers(header):
             assert arch == "aarch64" and name in ("iopl", "ioperm", "uselib", "nfsservctl")
 
 
+def _bpf_eval(prog: bytes, arch: int, nr: int, arg0: int = 0) -> int:
+    """A classic-BPF interpreter (ld abs word, jeq / jge / jset k, ret k: what a seccomp
+    filter of this kind uses), run on one struct seccomp_data."""
+    import struct
+
+    data = struct.pack("<iIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)
+    insns = [struct.unpack("=HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == 0x20:  # BPF_LD | BPF_W | BPF_ABS
+            acc = struct.unpack_from("<I", data, k)[0]
+            pc += 1
+        elif code == 0x06:  # BPF_RET | BPF_K
+            return k
+        else:
+            op = code & 0xF0
+            taken = {0x10: acc == k, 0x30: acc >= k, 0x40: bool(acc & k)}[op]
+            pc += 1 + (jt if taken else jf)
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_seccomp_filter_logic_per_architecture(arch):
+    """The filter's decisions on both architectures (AArch64 cannot run here), read by an
+    interpreter of the BPF program rather than by the builder's own bookkeeping."""
+    audit = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}[arch]
+    nums = seccomp.syscall_numbers(arch)
+    prog = seccomp.build_filter(("shmget",), arch=arch)
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    for name in seccomp.DENIED:
+        if name in nums:
+            assert _bpf_eval(prog, audit, nums[name]) == eperm, name
+    assert _bpf_eval(prog, audit, nums["shmget"]) == eperm
+    assert _bpf_eval(prog, audit, nums["memfd_create"]) == allow  # not asked for here
+    assert _bpf_eval(prog, audit, nums["clone3"]) == enosys
+    assert _bpf_eval(prog, audit, nums["clone"], 0x01200011) == allow  # fork's flags
+    assert _bpf_eval(prog, audit, nums["clone"], 0x003D0F00) == allow  # pthread_create's
+    for flag in (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                 0x40000000):  # each CLONE_NEW*
+        assert _bpf_eval(prog, audit, nums["clone"], 0x01200011 | flag) == eperm, hex(flag)
+    read_nr = {"x86_64": 0, "aarch64": 63}[arch]
+    assert _bpf_eval(prog, audit, read_nr) == allow
+    assert _bpf_eval(prog, 0x40000003, read_nr) == eperm  # i386 / a foreign ABI
+    if arch == "x86_64":
+        assert _bpf_eval(prog, audit, 0x40000000 | read_nr) == eperm  # x32
+
+
 def test_seccomp_filter_shape():
     prog = seccomp.build_filter(("shmget",), arch="x86_64")
     assert len(prog) % 8 == 0 and len(prog) // 8 < 256
