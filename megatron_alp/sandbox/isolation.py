@@ -53,6 +53,7 @@ import stat
 import subprocess
 import time
 
+from megatron_alp.sandbox import registry
 from megatron_alp.sandbox.cgroup import CgroupParent, RunCgroup, find_parent
 from megatron_alp.sandbox.seccomp import DENIED, build_filter
 from megatron_alp.sandbox.types import SandboxLimits, SandboxResult, SandboxUnavailable
@@ -318,9 +319,13 @@ class Isolation:
         return tuple(extra)
 
     def reap(self) -> int:
-        """Kill what runs of dead owners left in our cgroup parent; how many processes."""
+        """Kill what runs of dead owners left (in our cgroup parent; without root, also
+        launchers in our run registry); how many processes. Slot uids: the pool's."""
         parent = self.cgroups[0]
-        return parent.reap() if parent is not None else 0
+        n = parent.reap() if parent is not None else 0
+        if not self.as_root:
+            n += registry.reap()
+        return n
 
     def _launcher(self, limits: SandboxLimits, uid: int | None,
                   cgroup: RunCgroup | None) -> list[str]:
@@ -470,6 +475,8 @@ class Isolation:
         finally:
             for fd in (code_fd, bpf_fd, status_w):
                 os.close(fd)
+        # Without a slot uid or a cgroup, nothing else would lead a new owner to this run.
+        record = registry.record(proc.pid) if uid is None and cg is None else None
         status_pipe = os.fdopen(status_r, "rb", buffering=0)
         out, err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
         status = _Capture(1 << 14)
@@ -496,6 +503,7 @@ class Isolation:
             if uid is not None:
                 # The PID namespace died with bwrap; this is the belt to those braces.
                 _kill_uid(uid, _REAP_S)
+            registry.forget(record)
         stdout, out_trunc = out.text()
         stderr, err_trunc = err.text()
         m = _EXIT_RE.search(status.text()[0])

@@ -346,6 +346,32 @@ def test_new_pool_reaps_leftovers_of_a_dead_one():
                 os.rmdir(path)
 
 
+def test_run_registry_reaps_launchers_of_dead_owners():
+    """Without root or cgroups, the registry leads a new owner to a launcher a dead one
+    left; a live owner's runs are left alone."""
+    from megatron_alp.sandbox import registry
+
+    token = str(secrets.randbelow(10**9))
+    dead = subprocess.Popen(["sleep", f"3600.{token}"], start_new_session=True)
+    live = subprocess.Popen(["sleep", f"3601.{token}"], start_new_session=True)
+    try:
+        path = registry.record(live.pid)  # recorded by us: the owner is alive
+        d = os.path.dirname(path)
+        stale = os.path.join(d, f"{2**22 + 1}-1-0")  # an owner that no longer exists
+        with open(stale, "w") as f:
+            f.write(f"{dead.pid} {registry._start_time(dead.pid)}")
+        assert registry.reap() == 1
+        assert dead.wait(timeout=5) == -signal.SIGKILL
+        assert live.poll() is None and os.path.exists(path) and not os.path.exists(stale)
+        registry.forget(path)
+        assert not os.path.exists(path)
+    finally:
+        for p in (dead, live):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
 def _outer_bwrap(token: str) -> int | None:
     pids = _token_pids(token)
     if not pids:
