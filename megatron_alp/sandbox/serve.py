@@ -85,7 +85,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: "_HTTPServer"
     server_version = "megatron-alp-sandbox/1"
     # A client that stalls must not hold a handler thread forever: reading the request has
-    # one deadline (--request-timeout-s, _DeadlineReader); each later send this timeout.
+    # one deadline (--request-timeout-s, _DeadlineReader), and each send of the answer a
+    # timeout of the same length (set in setup(); this is only the stdlib's first value).
     timeout = 60
 
     def setup(self) -> None:
@@ -101,9 +102,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self._reader.expired:
             try:
                 self.connection.settimeout(1.0)
+                limit = self.server.owner.request_timeout_s
                 self.connection.sendall(_raw_response(408, "Request Timeout", {
-                    "error": f"request not received within {self.server.owner.request_timeout_s:g}"
-                             " s (--request-timeout-s)"}))
+                    "error": f"request not received within {limit:g} s (--request-timeout-s)"}))
             except OSError:
                 pass
 
