@@ -5,6 +5,7 @@ its list, and a sandbox that fails is reported as such, not as the program's exi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -29,31 +30,31 @@ LIMITS = SandboxLimits(timeout_s=5.0, cpu_s=4, memory_mb=256, max_processes=16,
                        max_file_mb=4, workdir_mb=16, max_output_bytes=4096)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Holds SysV segments past detaching (RLIMIT_AS no longer sees them): 8 x 64 MiB = 2x the
-# limit; prints how many MiB are still allocated at the end (IPC_STAT on each id).
+# Holds SysV segments past detaching (RLIMIT_AS no longer sees them): 8 x 16 MiB = 2x the
+# limit of SMALL; prints how many MiB are still allocated at the end (IPC_STAT on each id).
 SHM_PROGRAM = r"""
 import ctypes, errno
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 ids, why = [], "done"
 for i in range(8):
-    sid = libc.shmget(0, 64 << 20, 0o1600)
+    sid = libc.shmget(0, 16 << 20, 0o1600)
     if sid < 0:
         why = "shmget " + errno.errorcode[ctypes.get_errno()]
         break
     addr = libc.shmat(sid, None, 0)
-    ctypes.memset(addr, 1, 64 << 20)
+    ctypes.memset(addr, 1, 16 << 20)
     libc.shmdt(ctypes.c_void_p(addr))
     ids.append(sid)
 buf = ctypes.create_string_buffer(256)
 alive = sum(libc.shmctl(sid, 2, buf) == 0 for sid in ids)
-print("held", alive * 64, why)
+print("held", alive * 16, why)
 """
-# memfd pages belong to no mapping: 4 MiB (max_file_mb) per memfd up to 512 MiB.
+# memfd pages belong to no mapping: 4 MiB (max_file_mb) per memfd up to 2x SMALL's limit.
 MEMFD_PROGRAM = r"""
 import os
 fds, held = [], 0
-while held < 512:
+while held < 128:
     fd = os.memfd_create("m")
     for _ in range(4):
         os.write(fd, b"x" * (1 << 20))
@@ -83,15 +84,19 @@ def pool():
     p.close()
 
 
+# A small memory limit keeps the hostile programs short on a loaded machine.
+SMALL = dataclasses.replace(LIMITS, memory_mb=64, timeout_s=20.0)
+
+
 def _has_cgroup(pool: SandboxPool) -> bool:
     return pool.isolation.cgroups[0] is not None
 
 
 def test_sysv_shm_cannot_hold_more_than_the_limit(pool):
-    res = pool.run(SHM_PROGRAM)
+    res = pool.run(SHM_PROGRAM, SMALL)
     if pool.isolation.ipc_limits:
         held = int(res.stdout.split()[1]) if res.stdout.startswith("held") else 0
-        assert held <= LIMITS.memory_mb, res
+        assert held <= SMALL.memory_mb, res
         assert res.killed_by in (None, "memory"), res
     else:  # no IPC namespace of our own to bound (not root, /proc/sys read-only): refused
         assert "held 0 shmget EPERM" in res.stdout, res
@@ -102,15 +107,15 @@ def test_root_without_writable_ipc_sysctls_denies_shm():
     """As root where /proc/sys is read-only (a container), shmget is denied instead."""
     with SandboxPool(max_concurrency=1, limits=LIMITS) as p:
         p.isolation.__dict__["ipc_limits"] = False  # what the probe finds in such a host
-        res = p.run(SHM_PROGRAM)
+        res = p.run(SHM_PROGRAM, SMALL)
         assert "held 0 shmget EPERM" in res.stdout, res
         assert p.run("print(6 * 7)").stdout == "42\n"
         assert p.isolation.guards()["sysv_shm"].startswith("denied")
 
 
 def test_memfd_cannot_hold_more_than_the_limit(pool):
-    res = pool.run(MEMFD_PROGRAM)
-    assert "held 512" not in res.stdout, res
+    res = pool.run(MEMFD_PROGRAM, SMALL)
+    assert "held 128" not in res.stdout, res
     if _has_cgroup(pool):
         assert res.killed_by == "memory", res
     else:
