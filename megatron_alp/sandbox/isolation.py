@@ -301,9 +301,9 @@ class Isolation:
         parent, why = self.cgroups
         return {
             "memory_cgroup": why if parent else f"none ({why})",
-            "sysv_shm": ("IPC namespace limits (shmall = memory_mb, shm_rmid_forced)"
-                         if self.ipc_limits else "denied (shmget: EPERM; not root, or "
-                         "/proc/sys read-only)"),
+            "sysv_ipc": ("IPC namespace limits (shmall = memory_mb, shm_rmid_forced, "
+                         "msgmni = 16)" if self.ipc_limits else "shmget and msgget denied "
+                         "(EPERM; not root, or /proc/sys read-only)"),
             "memfd_create": ("allowed, counted by the run's memory cgroup" if parent
                              else "denied (EPERM; no memory cgroup)"),
             "seccomp": f"{len(DENIED)} calls denied",
@@ -312,8 +312,8 @@ class Isolation:
     def denied_extra(self, uid: int | None) -> tuple[str, ...]:
         """Calls denied on top of ``seccomp.DENIED`` for a run as ``uid``."""
         extra = []
-        if uid is None or not self.ipc_limits:  # no IPC namespace of ours to bound shm in
-            extra.append("shmget")
+        if uid is None or not self.ipc_limits:  # no IPC namespace of ours to bound them in
+            extra += ["shmget", "msgget"]
         if self.cgroups[0] is None:  # nothing would count memfd pages
             extra.append("memfd_create")
         return tuple(extra)
@@ -346,8 +346,9 @@ class Isolation:
             # the run with it. setpriv drops to the slot uid and sets the parent-death
             # signal again (a uid change clears it).
             mem = limits.memory_mb * _MiB
+            # SysV message queues: kernel memory, msgmnb (16 KiB) each; 16 queues at most.
             for key, value in (("shmmax", mem), ("shmall", mem // _PAGE), ("shmmni", 32),
-                               ("shm_rmid_forced", 1)):
+                               ("shm_rmid_forced", 1), ("msgmni", 16)):
                 script.append(f"echo {value} > /proc/sys/kernel/{key}")
             argv += [tools["unshare"], "--ipc", "--pid", "--kill-child", "--"]
         elif uid is not None:

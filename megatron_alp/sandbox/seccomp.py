@@ -24,8 +24,9 @@ sandbox (``DENIED``, each answered ``EPERM``):
   ``iopl``, ``ioperm``, ``uselib``, ``nfsservctl``);
 - ``memfd_secret`` (memory outside every accounting).
 
-``extra`` names more calls to deny: the isolation adds ``shmget`` when it cannot bound
-the run's SysV shared memory and ``memfd_create`` when no memory cgroup bounds the run
+``extra`` names more calls to deny: the isolation adds ``shmget`` and ``msgget`` when it
+cannot bound the run's SysV shared memory and message queues (an IPC namespace whose
+limits it set), and ``memfd_create`` when no memory cgroup bounds the run
 (see ``docs/sandbox.md``). Only the native ABI passes: a call made through another one
 (i386 ``int 0x80`` or x32 on x86-64, AArch32 on arm64) is refused with ``EPERM``, since
 its numbers differ. Architectures: x86-64 and AArch64; elsewhere :func:`build_filter`
@@ -63,7 +64,7 @@ _NUMBERS: dict[str, dict[str, int]] = {
         "vhangup": 153, "fanotify_init": 300, "memfd_secret": 447, "iopl": 172,
         "ioperm": 173, "uselib": 134, "nfsservctl": 180,
         # conditional / special
-        "clone": 56, "clone3": 435, "shmget": 29, "memfd_create": 319,
+        "clone": 56, "clone3": 435, "shmget": 29, "msgget": 68, "memfd_create": 319,
     },
     "aarch64": {
         "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_getfd": 438,
@@ -79,10 +80,10 @@ _NUMBERS: dict[str, dict[str, int]] = {
         "open_by_handle_at": 265, "name_to_handle_at": 264, "clock_settime": 112,
         "settimeofday": 170, "adjtimex": 171, "clock_adjtime": 266, "lookup_dcookie": 18,
         "vhangup": 58, "fanotify_init": 262, "memfd_secret": 447,
-        "clone": 220, "clone3": 435, "shmget": 194, "memfd_create": 279,
+        "clone": 220, "clone3": 435, "shmget": 194, "msgget": 186, "memfd_create": 279,
     },
 }
-_SPECIAL = ("clone", "clone3", "shmget", "memfd_create")
+_SPECIAL = ("clone", "clone3", "shmget", "msgget", "memfd_create")
 DENIED: tuple[str, ...] = tuple(n for n in _NUMBERS["x86_64"] if n not in _SPECIAL)
 """Calls always answered ``EPERM`` (those an architecture lacks are skipped there)."""
 

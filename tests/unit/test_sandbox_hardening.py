@@ -110,7 +110,23 @@ def test_root_without_writable_ipc_sysctls_denies_shm():
         res = p.run(SHM_PROGRAM, SMALL)
         assert "held 0 shmget EPERM" in res.stdout, res
         assert p.run("print(6 * 7)").stdout == "42\n"
-        assert p.isolation.guards()["sysv_shm"].startswith("denied")
+        assert "shmget and msgget denied" in p.isolation.guards()["sysv_ipc"]
+
+
+def test_sysv_message_queues_are_bounded(pool):
+    """SysV message queues hold kernel memory no rlimit sees: at most 16 queues (root's
+    IPC namespace), or none (msgget denied)."""
+    code = (
+        "import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\nn = 0\n"
+        "while n < 1000:\n"
+        "    if libc.msgget(0, 0o1600) < 0:\n"
+        "        print(n, errno.errorcode[ctypes.get_errno()])\n        break\n"
+        "    n += 1\n"
+        "else:\n    print(n, 'done')\n"
+    )
+    res = pool.run(code)
+    want = "16 ENOSPC" if pool.isolation.ipc_limits else "0 EPERM"
+    assert res.stdout.strip() == want, res
 
 
 def test_memfd_cannot_hold_more_than_the_limit(pool):
