@@ -9,7 +9,8 @@ run that just finished, even with several pools (a trainer and a service) on one
 Every run dies with the process that owns the pool (the parent-death signal on the
 launcher chain; see :mod:`~megatron_alp.sandbox.isolation`). A pool starting up also reaps
 what a pool killed with SIGKILL may have left: processes of slot uids whose lock is free
-(as root) and run cgroups whose owner is gone (where cgroups are used).
+(as root), run cgroups whose owner is gone (where cgroups are used), and launchers in the
+run registry (:mod:`~megatron_alp.sandbox.registry`; neither root nor cgroups).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class SandboxPool:
                                    cgroup=cgroup)
         self.isolation.cgroups  # noqa: B018 (a bad cgroup= fails here, before any uid is taken)
         self.reaped = self.isolation.reap()
-        """Processes of dead owners' runs killed at start-up (cgroups)."""
+        """Processes of dead owners' runs killed at start-up (their run cgroups, or without
+        root and cgroups the run registry's launchers); slot uids are swept as well."""
         self._locks: list[int] = []
         self._slots: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         if self.isolation.as_root:

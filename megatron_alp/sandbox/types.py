@@ -15,7 +15,6 @@ KILLED_BY: tuple[str, ...] = ("timeout", "cpu", "memory", "processes", "file_siz
 
 # Each limit's type and range: (float allowed, lowest, highest). Ints must be real ints
 # (not bool, not 2.5 or 2.0): a limit reaches prlimit, bwrap and buffer sizes as is.
-_INT_MAX = 2**31 - 1
 _RANGES: dict[str, tuple[bool, float, float]] = {
     "timeout_s": (True, 0.0, 7 * 86400.0),  # > lowest (exclusive), the rest >=
     "cpu_s": (False, 1, 7 * 86400),
