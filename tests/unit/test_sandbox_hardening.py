@@ -446,3 +446,14 @@ def test_result_round_trips_with_sandbox_error():
     assert SandboxResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     old = {k: v for k, v in r.to_dict().items() if k != "sandbox_error"}  # an older service
     assert SandboxResult.from_dict(old).sandbox_error is None
+
+
+def test_cgroup_setting_is_checked(tmp_path):
+    assert find_parent("off") == (None, "memory cgroups turned off (cgroup='off')")
+    with pytest.raises(ValueError, match="is neither a writable cgroup v2 directory"):
+        find_parent(str(tmp_path))  # a plain directory is no cgroup
+    with pytest.raises(ValueError, match="is neither a writable cgroup v2 directory"):
+        SandboxPool(max_concurrency=1, cgroup=str(tmp_path))
+    with SandboxPool(max_concurrency=1, cgroup="off") as p:
+        assert p.isolation.guards()["memory_cgroup"].startswith("none")
+        assert "PermissionError" in p.run("import os\nos.memfd_create('m')").stderr
