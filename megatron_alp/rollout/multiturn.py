@@ -189,13 +189,17 @@ def _truncate_middle(text: str, limit: int) -> str:
 def _observation_text(res: ExecResult, cfg: MultiTurnConfig) -> tuple[str, bool]:
     """The observation body and whether the program failed (reference rules)."""
     stderr, stdout = res.stderr or "", res.stdout or ""
-    failed = bool(stderr) or res.timed_out or (res.exit_code not in (0, None))
+    # The sandbox itself failed (exit_code None, maybe no output): a tool error, not silence.
+    broken = getattr(res, "killed_by", None) == "sandbox"
+    failed = bool(stderr) or res.timed_out or broken or (res.exit_code not in (0, None))
     if stderr.strip():
         body = "\n".join(stderr.strip().splitlines()[-cfg.error_lines:])
     elif stdout:
         body = stdout
     elif res.timed_out:
         body = "interpreter timeout"
+    elif broken:
+        body = "sandbox error"
     elif failed:
         body = f"exit status {res.exit_code}"
     else:

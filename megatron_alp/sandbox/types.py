@@ -9,8 +9,22 @@ from typing import Any, Literal
 
 __all__ = ["KILLED_BY", "SandboxLimits", "SandboxResult", "SandboxUnavailable"]
 
-KilledBy = Literal["timeout", "cpu", "memory", "processes", "file_size", "signal"]
-KILLED_BY: tuple[str, ...] = ("timeout", "cpu", "memory", "processes", "file_size", "signal")
+KilledBy = Literal["timeout", "cpu", "memory", "processes", "file_size", "signal", "sandbox"]
+KILLED_BY: tuple[str, ...] = ("timeout", "cpu", "memory", "processes", "file_size", "signal",
+                              "sandbox")
+
+# Each limit's type and range: (float allowed, lowest, highest). Ints must be real ints
+# (not bool, not 2.5 or 2.0): a limit reaches prlimit, bwrap and buffer sizes as is.
+_RANGES: dict[str, tuple[bool, float, float]] = {
+    "timeout_s": (True, 0.0, 7 * 86400.0),  # > lowest (exclusive), the rest >=
+    "cpu_s": (False, 1, 7 * 86400),
+    "memory_mb": (False, 32, 1 << 24),
+    "max_processes": (False, 1, 1 << 16),
+    "max_file_mb": (False, 1, 1 << 24),
+    "workdir_mb": (False, 1, 1 << 24),
+    "max_open_files": (False, 16, 1 << 20),
+    "max_output_bytes": (False, 64, 1 << 30),
+}
 
 
 class SandboxUnavailable(RuntimeError):
@@ -26,7 +40,8 @@ class SandboxLimits:
     cpu_s: int = 10
     """CPU seconds per process (RLIMIT_CPU): SIGXCPU at the limit, SIGKILL one second later."""
     memory_mb: int = 1024
-    """Address space per process (RLIMIT_AS), MiB: larger allocations fail (MemoryError)."""
+    """Address space per process (RLIMIT_AS), MiB: larger allocations fail (MemoryError);
+    where a memory cgroup is available, also the whole run's memory (OOM kill past it)."""
     max_processes: int = 32
     """Processes + threads the code may have at once (RLIMIT_NPROC on a per-slot uid)."""
     max_file_mb: int = 16
@@ -41,26 +56,20 @@ class SandboxLimits:
     rest is read and dropped, so a chatty program neither blocks nor fills memory."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "timeout_s": self.timeout_s > 0,
-            "cpu_s": self.cpu_s >= 1,
-            "memory_mb": self.memory_mb >= 32,
-            "max_processes": self.max_processes >= 1,
-            "max_file_mb": self.max_file_mb >= 1,
-            "workdir_mb": self.workdir_mb >= 1,
-            "max_open_files": self.max_open_files >= 16,
-            "max_output_bytes": self.max_output_bytes >= 64,
-        }
-        expected = {
-            "timeout_s": "> 0", "cpu_s": ">= 1", "memory_mb": ">= 32", "max_processes": ">= 1",
-            "max_file_mb": ">= 1", "workdir_mb": ">= 1", "max_open_files": ">= 16",
-            "max_output_bytes": ">= 64",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"SandboxLimits.{name} must be {expected[name]}, got {getattr(self, name)!r}"
-                )
+        for name, (real, low, high) in _RANGES.items():
+            v = getattr(self, name)
+            kind = "a number" if real else "an integer"
+            ok_type = (isinstance(v, (int, float)) if real else isinstance(v, int)) \
+                and not isinstance(v, bool)
+            if not ok_type:
+                raise ValueError(f"SandboxLimits.{name} must be {kind}, got "
+                                 f"{type(v).__name__} {v!r}")
+            in_range = (low < v <= high) if name == "timeout_s" else (low <= v <= high)
+            if not in_range:  # also refuses NaN and infinities
+                op = ">" if name == "timeout_s" else ">="
+                lo, hi = (f"{low:g}", f"{high:g}") if real else (low, high)
+                raise ValueError(f"SandboxLimits.{name} must be {op} {lo} and <= {hi}, "
+                                 f"got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready field dict."""
@@ -99,11 +108,15 @@ class SandboxResult:
     killed_by: KilledBy | None
     """Which limit ended or broke the run, if one did: ``timeout``, ``cpu``, ``memory``
     (allocation refused), ``processes`` (fork refused), ``file_size`` (write refused), or
-    ``signal`` (another fatal signal). None for a normal exit, error or not."""
+    ``signal`` (another fatal signal), or ``sandbox`` (the sandbox itself failed, see
+    ``sandbox_error``; ``exit_code`` is then None). None for a normal exit, error or not."""
     wall_s: float
     """Wall-clock seconds from start to the last byte of output."""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    sandbox_error: str | None = None
+    """When ``killed_by == "sandbox"``: what failed (bwrap refused to start, or the
+    sandbox's own processes were killed), so it does not read as the program's error."""
 
     @property
     def ok(self) -> bool:

@@ -155,6 +155,16 @@ def test_void_turn_ends_and_masks_the_trajectory(tok):
     assert t.loss_mask[: len(void) + len(nl)] == [1] * len(void) + [0] * len(nl)
 
 
+def test_a_failed_sandbox_is_a_tool_error_not_silence():
+    from megatron_alp.rollout.multiturn import _observation_text
+    from megatron_alp.sandbox import SandboxResult
+
+    res = SandboxResult(stdout="", stderr="", exit_code=None, timed_out=False,
+                        killed_by="sandbox", wall_s=0.1, sandbox_error="bwrap was killed")
+    body, failed = _observation_text(res, MultiTurnConfig())
+    assert failed and body.endswith("sandbox error"), body
+
+
 def test_max_turns_errors_timeouts_and_metrics(tok):
     results = iter([Res(stderr="Traceback (most recent call last):\n  x\nZeroDivisionError: "
                                "division by zero\n", exit_code=1),

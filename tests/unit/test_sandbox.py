@@ -232,7 +232,8 @@ def test_refuses_without_bubblewrap():
 
 
 def test_limits_validation_names_the_field():
-    with pytest.raises(ValueError, match="SandboxLimits.timeout_s must be > 0, got 0"):
+    with pytest.raises(ValueError,
+                       match="SandboxLimits.timeout_s must be > 0 and <= 604800, got 0"):
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError, match=r"unknown sandbox limit\(s\) \['bogus'\]"):
         SandboxLimits.from_dict({"bogus": 1})
@@ -272,7 +273,8 @@ def test_unprivileged_caller():
         "with SandboxPool(max_concurrency=1, limits=SandboxLimits(timeout_s=5)) as p:\n"
         "    a = p.run('import os; print(os.getuid(), sorted(os.listdir(\"/\")))')\n"
         "    b = p.run('x = bytearray(10 * 2**30)')\n"
-        "    print(json.dumps([p.isolation.as_root, a.stdout, b.killed_by]))\n"
+        "    c = p.run('import os\\nos.memfd_create(\"m\")')\n"
+        "    print(json.dumps([p.isolation.as_root, a.stdout, b.killed_by, c.stderr]))\n"
     )
     res = subprocess.run(
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
@@ -282,9 +284,11 @@ def test_unprivileged_caller():
     if "No module named" in res.stderr or "SyntaxError" in res.stderr:
         pytest.skip(f"system python cannot import the package: {res.stderr[-200:]}")
     assert res.returncode == 0, res.stderr[-2000:]
-    as_root, listing, killed_by = json.loads(res.stdout.splitlines()[-1])
+    as_root, listing, killed_by, memfd = json.loads(res.stdout.splitlines()[-1])
     assert as_root is False and listing.startswith("65534 ") and "'work'" in listing
     assert killed_by == "memory"
+    # no memory cgroup for this uid here: memfd (pages no rlimit counts) is denied
+    assert "PermissionError: [Errno 1]" in memfd, memfd
 
 
 def test_site_dirs_offer_packages_read_only():

@@ -202,3 +202,149 @@ def test_cli_usage_error_exits_2():
     )
     assert res.returncode == 2 and "--concurrency must be >= 1, got 0" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# --- issue 20: every bad request gets a status; slow clients; kill -9 of the service ---
+
+def test_deeply_nested_json_is_400(server):
+    depth = 30_000
+    body = b'{"code": "1", "limits": ' + b"[" * depth + b"]" * depth + b"}"
+    status, doc, _ = _raw(server.url, "POST", "/run", body)
+    assert status == 400 and "nested too deeply" in doc["error"], doc
+    huge = b'{"code": "1", "limits": {"cpu_s": 1' + b"0" * 5000 + b"}}"
+    status, doc, _ = _raw(server.url, "POST", "/run", huge)
+    assert status == 400 and "not JSON" in doc["error"], doc  # past int's digit limit
+    assert _raw(server.url, "GET", "/health")[0] == 200
+
+
+def test_non_ascii_content_length_is_400(server):
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall("POST /run HTTP/1.0\r\nContent-Length: \u00b2\r\n\r\n{}".encode("latin-1"))
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400"), reply
+    assert "Content-Length must be a decimal byte count, got '\u00b2'" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("field,value,kind", [
+    ("workdir_mb", 2.5, "an integer, got float 2.5"),
+    ("max_output_bytes", 100.5, "an integer, got float 100.5"),
+    ("cpu_s", 1.5, "an integer, got float 1.5"),
+    ("max_processes", True, "an integer, got bool True"),
+    ("timeout_s", "3", "a number, got str '3'"),
+])
+def test_wrongly_typed_limits_are_400_before_anything_runs(server, field, value, kind):
+    before = server.health()["completed"]
+    body = json.dumps({"code": "print('ran')", "limits": {field: value}}).encode()
+    status, doc, _ = _raw(server.url, "POST", "/run", body)
+    assert status == 400, doc
+    assert doc["error"] == f"field 'limits': SandboxLimits.{field} must be {kind}"
+    assert server.health()["completed"] == before  # nothing ran
+
+
+def test_slow_clients_meet_a_deadline_and_a_connection_cap():
+    import socket
+
+    s = SandboxServer(max_concurrency=1, max_queue=1, max_connections=3, request_timeout_s=1.0,
+                      limits=LIMITS).start()
+    host, port = s.url.removeprefix("http://").split(":")
+    slow = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):  # each sends a header line now and then, never finishing
+            c = socket.create_connection((host, int(port)), timeout=10)
+            c.sendall(b"POST /run HTTP/1.0\r\n")
+            slow.append(c)
+        assert _wait_for_connections(s, 3)
+        with socket.create_connection((host, int(port)), timeout=10) as extra:
+            reply = extra.recv(4096)
+        assert reply.startswith(b"HTTP/1.0 503") and b"--max-connections" in reply, reply
+        assert b"Retry-After: 1" in reply
+        replies = []
+        for c in slow:
+            c.settimeout(0.2)
+            got = b""
+            while time.monotonic() - t0 < 15.0:  # without a deadline it would never end
+                try:
+                    c.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+                try:
+                    chunk = c.recv(4096)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    break
+                got += chunk
+            replies.append((got, time.monotonic() - t0))
+        for got, took in replies:
+            assert got.startswith(b"HTTP/1.0 408"), got
+            assert took < 1.0 + 3.0, took  # the deadline, plus slack for a loaded machine
+        assert _wait_for_connections(s, 0)
+        assert _raw(s.url, "GET", "/health")[0] == 200  # served again once they are gone
+        assert s.health()["rejected"] == 1
+    finally:
+        for c in slow:
+            c.close()
+        s.shutdown(grace_s=10)
+
+
+def _wait_for_connections(s: SandboxServer, n: int, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if s.httpd.connections == n:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_kill_9_of_the_service_kills_its_runs_and_a_restart_reaps():
+    import secrets
+
+    from tests.unit.test_sandbox_hardening import (
+        _dead_owner_cgroups, _sleep_program, _token_pids, _wait_for,
+    )
+
+    env = {**os.environ, "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "megatron_alp.sandbox.serve", "--host", "127.0.0.1",
+           "--port", "0", "--concurrency", "1", "--timeout-s", "600"]
+    token = str(secrets.randbelow(10**9))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    try:
+        url = re.search(r"serving on (http://\S+)", proc.stdout.readline()).group(1)
+        body = json.dumps({"code": _sleep_program(token)}).encode()
+        threading.Thread(target=lambda: _quiet_raw(url, body), daemon=True).start()
+        assert _wait_for(lambda: _token_pids(token), 10), "the run did not start"
+        proc.kill()
+        proc.wait()
+        t = time.monotonic()
+        assert _wait_for(lambda: not _token_pids(token), 1.0), _token_pids(token)
+        assert time.monotonic() - t <= 1.0
+        # the restarted service reaps the run cgroup the dead one left
+        again = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=env, cwd=REPO)
+        try:
+            assert "serving on" in again.stdout.readline()
+            assert _dead_owner_cgroups(proc.pid) == []
+        finally:
+            again.send_signal(signal.SIGTERM)
+            assert again.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _token_pids(token):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _quiet_raw(url: str, body: bytes) -> None:
+    try:
+        _raw(url, "POST", "/run", body)
+    except (OSError, http.client.HTTPException):
+        pass  # the service is killed mid-request
