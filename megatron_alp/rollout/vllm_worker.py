@@ -114,6 +114,17 @@ class WeightSyncExtension:
             self._weight_comm = None
             raise
         self.model_runner.get_model().load_weights(weights=weights)
+        # Wait until the load has run on the device (as receive_ipc does), not just been
+        # queued (issue 17, defect 11): load_weights' copies are queued on this thread's
+        # current stream, while the forward runs on vLLM's own stream (vllm 0.33
+        # utils/torch_utils.py current_stream() creates and sets a dedicated stream per
+        # thread; v1/worker/gpu/model_runner.py caches it as main_stream) and, under
+        # 0.33's async scheduling (v1/core/sched/async_scheduler.py), the next step is
+        # queued as soon as the commit returns: without this, that forward can read
+        # half-loaded weights, and the receive buffers freed on return can be handed to
+        # another stream's allocation while the copies still read them.
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
         return nbytes
 
     def receive_ipc(self, items: list[list[Any]]) -> int:
