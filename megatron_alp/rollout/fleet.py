@@ -292,7 +292,7 @@ class FleetEngine:
         if said is None and hasattr(st.endpoint, "capacity"):
             try:
                 said = st.endpoint.capacity(timeout=self.health_timeout_s)
-            except (EngineDown, EngineError) as e:
+            except (EngineDown, EngineError, ValueError, TypeError) as e:
                 print(f"[fleet] {st.endpoint.url} did not say how many sequences it schedules "
                       f"({e}); keeping {DEFAULT_CAPACITY[self.backend]} in flight",
                       file=sys.stderr, flush=True)

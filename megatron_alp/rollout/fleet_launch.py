@@ -117,7 +117,11 @@ def engine_command(
 
 
 class LocalFleet:
-    """``num_engines`` engine processes on this node; :meth:`kill` / :meth:`restart` one."""
+    """``num_engines`` engine processes on this node; :meth:`kill` / :meth:`restart` one,
+    :meth:`supervise` restarts those that exit."""
+
+    STABLE_S = 600.0
+    """An engine up this long after a restart has its restart count reset."""
 
     def __init__(
         self, num_engines: int, *, model: str, backend: str = "twin", dtype: str = "bfloat16",
@@ -141,6 +145,7 @@ class LocalFleet:
         self.restarts = [0] * num_engines
         self._restart_at: list[float | None] = [None] * num_engines  # exited: restart due then
         self._ready = [False] * num_engines
+        self._ready_since = [0.0] * num_engines
         self.devices: list[list[int] | None] = [None] * num_engines
         if backend == "vllm":
             if gpus is None:
@@ -230,7 +235,7 @@ class LocalFleet:
                                    + self._exit_note(k, None if proc is None else proc.returncode))
             try:
                 http_json(self.endpoints[k] + "/health", timeout=2)
-                self._ready[k] = True
+                self._ready[k], self._ready_since[k] = True, time.monotonic()
                 return
             except (EngineDown, EngineError):
                 if time.monotonic() > deadline:
@@ -253,7 +258,8 @@ class LocalFleet:
 
         An engine that exited is reported and started again on its port after a pause
         (none the first time, then 2, 4, ... s up to 60 s), at most ``max_restarts``
-        times; past that it stays down. The other engines are left alone: one engine's
+        times in a row (an engine that served for ``STABLE_S`` since starts counting
+        afresh); past that it stays down. The other engines are left alone: one engine's
         exit used to stop the whole node (issue 17, defect 12), defeating the client's
         retry elsewhere and the restarted engine's re-join at the next weight sync."""
         lines, now = [], time.monotonic()
@@ -280,12 +286,15 @@ class LocalFleet:
                 except OSError as e:  # e.g. the log folder went away: report, try again later
                     lines.append(f"fleet engine {k} ({url}) could not be started again: {e}")
                     self._restart_at[k] = now + 60.0
-            elif proc is not None and not self._ready[k]:
+            elif proc is not None and self._ready[k]:
+                if self.restarts[k] and now - self._ready_since[k] > self.STABLE_S:
+                    self.restarts[k] = 0  # a crash a day must not use the restarts up
+            elif proc is not None:
                 try:
                     http_json(url + "/health", timeout=1)
                 except (EngineDown, EngineError):
                     continue
-                self._ready[k] = True
+                self._ready[k], self._ready_since[k] = True, now
                 if self.restarts[k]:
                     lines.append(f"fleet engine {k} ({url}) is up again (restart {self.restarts[k]}); "
                                  "it serves after the next weight sync")
@@ -345,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", default=None,
                    help="folder for engine{k}.log (created if missing; default: output discarded)")
     p.add_argument("--max-restarts", type=int, default=5,
-                   help="times each engine is started again after it exits (default 5; 0: "
-                        "report only); the others keep serving meanwhile")
+                   help="times in a row each engine is started again after it exits (default 5; "
+                        "0: report only; the count resets after 10 min up); the others keep "
+                        "serving meanwhile")
     args, extra = p.parse_known_args(argv)
 
     def ints(s: str | None, flag: str) -> list[int] | None:

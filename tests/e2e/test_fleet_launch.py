@@ -103,3 +103,26 @@ def test_a_failed_start_is_one_line(model_dir, tmp_path):
     assert "fleet engine 0" in lines[0] and "failed to start" in lines[0]
     assert "exited with code 2" in lines[0] and str(log_dir / "engine0.log") in lines[0]
     assert "--max-batch-size: invalid int value: 'zero'" in lines[0]
+
+
+@pytest.mark.slow
+def test_restarts_are_bounded_and_the_last_engine_ends_the_launcher(model_dir, tmp_path):
+    """--max-restarts 0: an engine that exits is reported and left down; with no engine
+    left the launcher exits 1 (the job goes on with other nodes' engines)."""
+    port = free_port()
+    proc = _launcher("--backend", "twin", "--model", model_dir, "--base-port", str(port),
+                     "--max-restarts", "0")
+    try:
+        url = proc.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}", (url, proc.poll())
+        os.kill(_health(url)["pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1, err[-2000:]
+    assert "fleet engine 0" in lines[-2] and "killed by signal 9" in lines[-2], lines
+    assert "(no --log-dir: its output was discarded)" in lines[-2] and "left down" in lines[-2]
+    assert lines[-1] == "fleet_launch: no engine left on this node; exiting"
