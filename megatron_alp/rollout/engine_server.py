@@ -5,8 +5,9 @@
 Same shape as a ``vllm serve`` fleet engine, so the fleet client (``fleet.py``), its
 balancing, retries and weight broadcast run for real on a CPU machine:
 
-``GET /health``         ``{"instance", "weight_version", "pid", ...}`` (``instance`` is new
-                        at every start: the client sees a restart)
+``GET /health``         ``{"instance", "weight_version", "pid", "max_num_seqs", ...}``
+                        (``instance`` is new at every start: the client sees a restart;
+                        ``max_num_seqs`` = ``--max-batch-size``)
 ``POST /generate``      ``{"rows": [[i, j, prompt_ids], ...], "sampling": {...}}`` ->
                         ``{"completions": [[i, j, ids, logprobs, reason], ...],
                         "weight_version": v}``
@@ -170,7 +171,10 @@ class EngineServer:
                     for n, p in self.engine.model.named_parameters()}
 
     def health(self) -> dict:
+        # max_num_seqs: rows decoded together (the fleet client's in-flight cap, as
+        # vLLM's scheduler limit is for a vllm serve engine).
         return dict(instance=self.instance, weight_version=self.weight_version, pid=os.getpid(),
+                    max_num_seqs=self.engine.max_batch_size,
                     model_type=self.engine.model.config.model_type,
                     dtype=str(self.engine.dtype).removeprefix("torch."))
 

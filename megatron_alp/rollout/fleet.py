@@ -3,10 +3,13 @@
 The trainer's view of many engines on other GPUs and nodes — ``vllm serve`` processes
 (``backend="vllm"``) or their CPU twins (``backend="twin"``, ``engine_server.py``):
 
-* **generation**: a generation is cut into requests (``rows_per_request`` completions,
-  a prompt's samples consecutive so they share a prefix cache) that are kept in flight
-  on every engine at once (up to ``max_in_flight`` each), always sent to the engine with
-  the fewest requests outstanding. A request that fails (engine dead, unreachable,
+* **generation**: a generation is cut into requests of whole prompt groups (a prompt's
+  ``n`` samples always travel together, so they land on one engine and share its prefix
+  cache; ``rows_per_request`` packs several small groups into one request) that are kept
+  in flight on every engine at once, up to the engine's capacity in completions
+  (``max_in_flight``, else what the engine reports: vLLM's ``max_num_seqs``, the twin's
+  batch size), always sent to the engine with the fewest completions outstanding. A
+  request that fails (engine dead, unreachable,
   timed out, aborted, or answering with another weight version) goes back to the queue
   and is sent to another engine; each completion (prompt i, sample j) is accepted
   exactly once, so nothing is lost or duplicated. Completions are seeded per (i, j)
@@ -55,6 +58,13 @@ from megatron_alp.rollout.vllm_support import bucket_meta
 __all__ = ["FleetEngine", "FleetError", "check_sync_host", "trainer_gpus"]
 
 BACKENDS = ("twin", "vllm")
+DEFAULT_CAPACITY = {"twin": 64, "vllm": 256}
+"""Completions kept in flight on an engine that does not say (the twin's default
+``--max-batch-size``; vLLM's ``max_num_seqs`` default off H100/H200-class GPUs, vllm
+0.33 ``engine/arg_utils.py`` ``get_batch_defaults``)."""
+MAX_CLIENT_THREADS = 4096
+"""Requests on the wire at once over the whole fleet (one client thread each); more
+wait in the client until a thread is free."""
 
 
 class FleetError(RuntimeError):
@@ -67,7 +77,8 @@ class _EngineState:
     up: bool = True
     instance: str | None = None
     version: int | None = 0
-    in_flight: int = 0
+    in_flight: int = 0  # completions (sequences) outstanding on this engine
+    capacity: int | None = None  # completions it may hold at once (None: not asked yet)
     served: int = 0
     failures: int = 0
     last_error: str = ""
@@ -126,6 +137,17 @@ def check_sync_host(sync_host: str, endpoints: Sequence[str]) -> None:
             )
 
 
+def group_units(rows: list, n: int, rows_per_request: int) -> list[list]:
+    """Cut ``rows`` (prompt-major, ``n`` samples a prompt) into requests of whole prompt
+    groups: as many groups as fit in ``rows_per_request`` completions, at least one.
+
+    A prompt's samples are never split over requests, so they reach one engine and its
+    prefix cache computes the prompt once (issue 17, defect 14: one completion a request
+    spread a group over every engine, and each engine prefilled the prompt again)."""
+    per = max(1, rows_per_request // max(n, 1)) * max(n, 1)
+    return [rows[s : s + per] for s in range(0, len(rows), per)]
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -142,9 +164,12 @@ class FleetEngine:
     folder if not a folder) with ``dtype``. ``sync_host`` is this process's address as
     the engines reach it; ``sync_port`` the first rendezvous port (epoch e uses
     ``sync_port + e``; None picks free ports). A request is tried at most ``max_attempts``
-    times (on other engines first). ``max_in_flight`` requests per engine (default 8 for
-    the twin, 64 for vLLM; each in-flight request holds one client thread).
-    ``allow_truncation`` lets top-p / top-k
+    times (on other engines first). ``max_in_flight``: completions (sequences) kept in
+    flight per engine; None asks each engine once per start — vLLM's ``max_num_seqs``
+    (1024 on an H100 by default in 0.33), the twin's ``--max-batch-size`` — falling back
+    to ``DEFAULT_CAPACITY``. ``rows_per_request``: completions per request, rounded to
+    whole prompt groups (default 16 for the twin; 1, i.e. one prompt's group, for vLLM,
+    which serves a group as one ``n``-sample request). ``allow_truncation`` lets top-p / top-k
     through (see ``check_ratio_sampling``). ``served_model_name`` (vLLM) is sent as the
     request's ``model``; None lets each server answer with the model it serves. A local
     vLLM fleet never takes the trainer's GPUs (:func:`trainer_gpus`) unless
@@ -175,11 +200,9 @@ class FleetEngine:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"fleet backend {backend!r} is not one of {BACKENDS}")
-        if max_in_flight is None:  # vLLM batches many requests itself; the twin decodes in batches
-            max_in_flight = 8 if backend == "twin" else 64
         for name, v in (("max_in_flight", max_in_flight), ("max_attempts", max_attempts),
-                        ("num_engines", num_engines)):
-            if v < 1:
+                        ("num_engines", num_engines), ("rows_per_request", rows_per_request)):
+            if v is not None and v < 1:
                 raise ValueError(f"fleet {name} must be >= 1, got {v}")
         self.backend = backend
         self.fleet: Any = None
@@ -216,8 +239,10 @@ class FleetEngine:
         self._sender_cls: Any = GlooSender if backend == "twin" else NcclSender
         self.stats = dict(requests=0, retries=0, engine_failures=0, syncs=0, epochs=0)
         self._lock = threading.Lock()
-        self._pool = cf.ThreadPoolExecutor(max_workers=max_in_flight * len(self.engines),
-                                           thread_name_prefix="fleet")
+        # Threads start as requests need them: at most one per request in flight.
+        self._pool = cf.ThreadPoolExecutor(
+            max_workers=min(MAX_CLIENT_THREADS, max(16, len(self.engines) * (max_in_flight or 1024))),
+            thread_name_prefix="fleet")
         self.refresh()
         self._await_engines(startup_wait_s)
 
@@ -233,7 +258,11 @@ class FleetEngine:
 
     # -- engine health -------------------------------------------------------------------
     def refresh(self) -> None:
-        """Ask every engine whether it is up, which instance it is and its weight version."""
+        """Ask every engine whether it is up, which instance it is and its weight version
+        (and restart the engines of a local fleet that exited: ``LocalFleet.supervise``)."""
+        if self.fleet is not None:
+            for line in self.fleet.supervise():
+                print(f"[fleet] {line}", file=sys.stderr, flush=True)
         def probe(st: _EngineState) -> None:
             try:
                 h = st.endpoint.health(timeout=self.health_timeout_s)
@@ -242,12 +271,36 @@ class FleetEngine:
                 return
             if st.instance is not None and h.get("instance") not in (None, st.instance):
                 st.stale = True  # restarted: a new process with the checkpoint's weights
+                st.capacity = None  # perhaps started with other settings
             st.instance = h.get("instance")
+            if st.capacity is None:
+                st.capacity = self._capacity(st, h)
             if h.get("weight_version") is not None:
                 st.version = int(h["weight_version"])
             st.up = True
 
         list(self._pool.map(probe, self.engines))
+
+    def _capacity(self, st: _EngineState, health: dict[str, Any]) -> int:
+        """Completions engine ``st`` may hold at once: ``max_in_flight`` if given, else
+        what the engine reports (its ``/health``, or ``Endpoint.capacity``), else the
+        backend's default. The old fixed cap of 64 requests starved vLLM 0.33, which
+        schedules up to ``max_num_seqs`` sequences per step (issue 17, defect 14)."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        said = health.get("max_num_seqs")
+        if said is None and hasattr(st.endpoint, "capacity"):
+            try:
+                said = st.endpoint.capacity(timeout=self.health_timeout_s)
+            except (EngineDown, EngineError, ValueError, TypeError) as e:
+                print(f"[fleet] {st.endpoint.url} did not say how many sequences it schedules "
+                      f"({e}); keeping {DEFAULT_CAPACITY[self.backend]} in flight",
+                      file=sys.stderr, flush=True)
+        try:
+            n = int(said) if said is not None else 0
+        except (TypeError, ValueError):
+            n = 0
+        return n if n >= 1 else DEFAULT_CAPACITY[self.backend]
 
     def _await_engines(self, wait_s: float) -> None:
         """Give engines that are still starting up to ``wait_s`` to answer.
@@ -289,19 +342,18 @@ class FleetEngine:
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         rows = [(i, j, list(p)) for i, p in enumerate(prompt_token_ids) for j in range(sampling.n)]
-        k = self.rows_per_request
-        queue = [(rows[s : s + k], ()) for s in range(0, len(rows), k)]  # (unit, engines that failed it)
+        queue = [(unit, ()) for unit in group_units(rows, sampling.n, self.rows_per_request)]
         done: dict[tuple[int, int], Completion] = {}
         running: dict[cf.Future, tuple[_EngineState, list, tuple]] = {}
         self.refresh()
         while queue or running:
             while queue:
                 unit, failed_on = queue[0]
-                st = self._pick(avoid=failed_on)
+                st = self._pick(len(unit), avoid=failed_on)
                 if st is None:
                     break
                 queue.pop(0)
-                st.in_flight += 1
+                st.in_flight += len(unit)
                 self.stats["requests"] += 1
                 fut = self._pool.submit(st.endpoint.generate, unit, sampling,
                                         timeout=self.request_timeout_s)
@@ -312,7 +364,7 @@ class FleetEngine:
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
                 st, unit, failed_on = running.pop(fut)
-                st.in_flight -= 1
+                st.in_flight -= len(unit)
                 why = self._accept(st, unit, fut, done)
                 if why is None:
                     continue
@@ -326,10 +378,15 @@ class FleetEngine:
         assert not missing and len(done) == len(rows), missing[:4]
         return [done[(i, j)] for i, j, _ in rows]
 
-    def _pick(self, avoid: tuple = ()) -> _EngineState | None:
-        """The serving engine with the fewest requests in flight (room left), preferring
-        engines that have not failed this request before."""
-        ok = [st for st in self.engines if self._serving(st) and st.in_flight < self.max_in_flight]
+    def _pick(self, size: int, avoid: tuple = ()) -> _EngineState | None:
+        """The serving engine with the fewest completions in flight that has room for
+        ``size`` more (an idle engine always has: a group larger than the capacity still
+        goes out, whole), preferring engines that have not failed this request before."""
+        def room(st: _EngineState) -> bool:
+            cap = st.capacity or DEFAULT_CAPACITY[self.backend]
+            return st.in_flight == 0 or st.in_flight + size <= cap
+
+        ok = [st for st in self.engines if self._serving(st) and room(st)]
         if not ok:
             return None
         fresh = [st for st in ok if id(st) not in avoid]

@@ -40,7 +40,7 @@ from megatron_alp.rollout.vllm_support import (
 from megatron_alp.rollout.weight_group import GlooGroup, broadcast_bucket
 from megatron_alp.rollout.wire import (
     completion_from_dict,
-    completion_from_openai,
+    completions_from_openai,
     openai_completion_request,
     sampling_to_dict,
 )
@@ -115,6 +115,22 @@ class Endpoint(Protocol):
         """All buckets sent: serve ``version`` from now on (prefix cache reset)."""
         ...
 
+    # Optional: ``capacity(*, timeout) -> int | None``, the completions the engine
+    # schedules at once (the client's in-flight cap; the twin says it in /health).
+
+
+def _prompt_runs(rows: Sequence[tuple[int, int, Sequence[int]]]) -> list[tuple[int, int, list[int], int]]:
+    """``rows`` as runs ``(prompt_index, first sample, prompt, n)`` of consecutive samples
+    of one prompt, in order."""
+    runs: list[tuple[int, int, list[int], int]] = []
+    for i, j, p in rows:
+        if runs and runs[-1][0] == i and runs[-1][1] + runs[-1][3] == j and runs[-1][2] == list(p):
+            i0, j0, p0, n = runs[-1]
+            runs[-1] = (i0, j0, p0, n + 1)
+        else:
+            runs.append((i, j, list(p), 1))
+    return runs
+
 
 def _meta_body(meta: BucketMeta) -> dict[str, Any]:
     return dict(names=list(meta.names), dtypes=list(meta.dtypes), shapes=[list(s) for s in meta.shapes])
@@ -186,12 +202,27 @@ class VLLMEndpoint:
         return dict(instance=",".join(ids) or None, weight_version=None)
 
     def generate(self, rows, sp, *, timeout):
+        # One request per prompt group (samples j0 .. j0 + n - 1 of one prompt): vLLM
+        # schedules its n samples together on this engine, sharing the cached prompt
+        # (issue 17, defect 14). The fleet sends one group a request by default; more
+        # groups in one request (rows_per_request) are sent one after another.
         out = []
-        for i, j, prompt in rows:
+        for i, j0, prompt, n in _prompt_runs(rows):
             ans = http_json(self.url + "/v1/completions",
-                            openai_completion_request(self.model, prompt, sp, i, j), timeout=timeout)
-            out.append(completion_from_openai(ans, i, j))
+                            openai_completion_request(self.model, prompt, sp, i, j0, n), timeout=timeout)
+            out.extend(completions_from_openai(ans, i, j0, n))
         return out, None
+
+    def capacity(self, *, timeout: float) -> int | None:
+        """Sequences this engine's scheduler runs at once (``max_num_seqs``, or 0.33's
+        lower ``max_num_active_seqs``), asked of its workers (``scheduler_limits``)."""
+        infos = self._rpc("scheduler_limits", [], timeout=timeout)
+        counts = []
+        for r in infos:
+            if isinstance(r, dict):
+                counts += [int(str(v)) for k, v in r.items()
+                           if k in ("max_num_seqs", "max_num_active_seqs") and v not in (None, "None")]
+        return min(counts) if counts else None
 
     def _rpc(self, method: str, args: list[Any], *, timeout: float) -> list[Any]:
         # Arguments are plain JSON values (the server hands them to msgpack unchanged).

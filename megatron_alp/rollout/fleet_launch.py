@@ -10,6 +10,12 @@ its own GPUs (``CUDA_VISIBLE_DEVICES``, assigned by :func:`assign_devices`, neve
 and runs until interrupted; ``FleetEngine(endpoints=[...])`` connects to them, or
 creates a :class:`LocalFleet` itself when given no endpoints. Multi-node: start this on
 each fleet node (``examples/slurm/``) and give the trainer every node's URLs.
+
+An engine that exits while the launcher runs is reported in one line and started again
+on its port (``--max-restarts`` times, with a growing pause); the other engines keep
+serving, the client retries that engine's requests elsewhere and the restarted engine
+joins the next weight sync. The launcher ends (exit 1) only when no engine is left.
+``--log-dir`` (created if missing) keeps each engine's output in ``engine{k}.log``.
 """
 
 from __future__ import annotations
@@ -111,13 +117,17 @@ def engine_command(
 
 
 class LocalFleet:
-    """``num_engines`` engine processes on this node; :meth:`kill` / :meth:`restart` one."""
+    """``num_engines`` engine processes on this node; :meth:`kill` / :meth:`restart` one,
+    :meth:`supervise` restarts those that exit."""
+
+    STABLE_S = 600.0
+    """An engine up this long after a restart has its restart count reset."""
 
     def __init__(
         self, num_engines: int, *, model: str, backend: str = "twin", dtype: str = "bfloat16",
         host: str = "127.0.0.1", base_port: int | None = None, gpus: Sequence[int] | None = None,
         gpus_per_engine: int = 1, reserve_gpus: Sequence[int] = (), extra_args: Sequence[str] = (),
-        startup_timeout_s: float = 600.0, log_dir: str | None = None,
+        startup_timeout_s: float = 600.0, log_dir: str | None = None, max_restarts: int = 5,
     ) -> None:
         from megatron_alp.launch import free_port
 
@@ -126,6 +136,16 @@ class LocalFleet:
         self.gpus_per_engine = gpus_per_engine
         self.startup_timeout_s = startup_timeout_s
         self.log_dir = log_dir
+        if log_dir:
+            # The examples pass a folder under the run's save directory that does not
+            # exist yet (issue 17, defect 10): opening engine{k}.log there raised
+            # FileNotFoundError and the trainer waited its startup_wait_s for nothing.
+            os.makedirs(log_dir, exist_ok=True)
+        self.max_restarts = max_restarts
+        self.restarts = [0] * num_engines
+        self._restart_at: list[float | None] = [None] * num_engines  # exited: restart due then
+        self._ready = [False] * num_engines
+        self._ready_since = [0.0] * num_engines
         self.devices: list[list[int] | None] = [None] * num_engines
         if backend == "vllm":
             if gpus is None:
@@ -156,11 +176,38 @@ class LocalFleet:
         cmd = engine_command(self.backend, self.model, self.ports[k], host=self.host,
                              dtype=self.dtype, gpus_per_engine=self.gpus_per_engine, seed=k,
                              extra=self.extra)
-        out = open(os.path.join(self.log_dir, f"engine{k}.log"), "ab") if self.log_dir else subprocess.DEVNULL
-        self.procs[k] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        path = self.log_path(k)
+        out = open(path, "ab") if path else subprocess.DEVNULL
+        try:
+            self.procs[k] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+        finally:
+            if path:
+                out.close()  # the child holds its own descriptor
+        self._ready[k] = False
         if wait:
             self.wait_ready(k)
+
+    def log_path(self, k: int) -> str | None:
+        """Engine k's log file (None without ``log_dir``: its output is discarded)."""
+        return os.path.join(self.log_dir, f"engine{k}.log") if self.log_dir else None
+
+    def _exit_note(self, k: int, code: int | None) -> str:
+        """``exited with code C; log: PATH (last line: ...)`` for one-line reports."""
+        how = (f"was killed by signal {-code}" if code is not None and code < 0
+               else f"exited with code {code}")
+        path = self.log_path(k)
+        if path is None:
+            return f"{how} (no --log-dir: its output was discarded)"
+        last = ""
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 4096))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+            last = lines[-1][:300] if lines else ""
+        except OSError:
+            pass
+        return f"{how}; log: {path}" + (f" (last line: {last})" if last else "")
 
     def engine_env(self, k: int) -> dict[str, str]:
         """The environment of engine k's process."""
@@ -184,15 +231,18 @@ class LocalFleet:
         while True:
             proc = self.procs[k]
             if proc is None or proc.poll() is not None:
-                raise RuntimeError(f"fleet engine {k} ({self.endpoints[k]}) exited during start-up "
-                                   f"(code {None if proc is None else proc.returncode}); see its log")
+                raise RuntimeError(f"fleet engine {k} ({self.endpoints[k]}) failed to start: it "
+                                   + self._exit_note(k, None if proc is None else proc.returncode))
             try:
                 http_json(self.endpoints[k] + "/health", timeout=2)
+                self._ready[k], self._ready_since[k] = True, time.monotonic()
                 return
             except (EngineDown, EngineError):
                 if time.monotonic() > deadline:
+                    path = self.log_path(k)
                     raise TimeoutError(f"fleet engine {k} ({self.endpoints[k]}) not ready after "
-                                       f"{self.startup_timeout_s:.0f} s") from None
+                                       f"{self.startup_timeout_s:.0f} s"
+                                       + (f"; log: {path}" if path else "")) from None
                 time.sleep(0.3)
 
     def kill(self, k: int) -> None:
@@ -202,6 +252,66 @@ class LocalFleet:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         self.procs[k] = None
+
+    def supervise(self) -> list[str]:
+        """One round of keeping the engines up; returns one line per event.
+
+        An engine that exited is reported and started again on its port after a pause
+        (none the first time, then 2, 4, ... s up to 60 s), at most ``max_restarts``
+        times in a row (an engine that served for ``STABLE_S`` since starts counting
+        afresh); past that it stays down. The other engines are left alone: one engine's
+        exit used to stop the whole node (issue 17, defect 12), defeating the client's
+        retry elsewhere and the restarted engine's re-join at the next weight sync."""
+        lines, now = [], time.monotonic()
+        for k, proc in enumerate(self.procs):
+            url = self.endpoints[k]
+            if proc is not None and proc.poll() is not None:
+                self._reap_group(proc)
+                self.procs[k] = None
+                note = self._exit_note(k, proc.returncode)
+                if self.restarts[k] >= self.max_restarts:
+                    lines.append(f"fleet engine {k} ({url}) {note}; restarted {self.restarts[k]} "
+                                 f"time(s) already (--max-restarts {self.max_restarts}): left down")
+                    continue
+                delay = 0.0 if self.restarts[k] == 0 else min(2.0 ** self.restarts[k], 60.0)
+                self._restart_at[k] = now + delay
+                lines.append(f"fleet engine {k} ({url}) {note}; restarting it in {delay:.0f} s "
+                             f"(restart {self.restarts[k] + 1} of {self.max_restarts}); the other "
+                             "engines keep serving")
+            elif proc is None and self._restart_at[k] is not None and now >= self._restart_at[k]:
+                self._restart_at[k] = None
+                self.restarts[k] += 1
+                try:
+                    self.start(k, wait=False)
+                except OSError as e:  # e.g. the log folder went away: report, try again later
+                    lines.append(f"fleet engine {k} ({url}) could not be started again: {e}")
+                    self._restart_at[k] = now + 60.0
+            elif proc is not None and self._ready[k]:
+                if self.restarts[k] and now - self._ready_since[k] > self.STABLE_S:
+                    self.restarts[k] = 0  # a crash a day must not use the restarts up
+            elif proc is not None:
+                try:
+                    http_json(url + "/health", timeout=1)
+                except (EngineDown, EngineError):
+                    continue
+                self._ready[k], self._ready_since[k] = True, now
+                if self.restarts[k]:
+                    lines.append(f"fleet engine {k} ({url}) is up again (restart {self.restarts[k]}); "
+                                 "it serves after the next weight sync")
+        return lines
+
+    def alive(self) -> int:
+        """Engines running or due to be started again."""
+        return sum(p is not None or t is not None for p, t in zip(self.procs, self._restart_at))
+
+    @staticmethod
+    def _reap_group(proc: subprocess.Popen) -> None:
+        # The engine's own children (vLLM's engine core and workers, same session) may
+        # outlive it holding the GPU its replacement needs.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def restart(self, k: int) -> None:
         """Kill engine k if alive and start it again (new instance, checkpoint weights)."""
@@ -241,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                    "after CUDA_VISIBLE_DEVICES (vllm; default: all)")
     p.add_argument("--gpus-per-engine", type=int, default=1, help="vLLM tensor parallel size")
     p.add_argument("--reserve-gpus", default="", help="GPUs never given to an engine (the trainer's)")
-    p.add_argument("--log-dir", default=None)
+    p.add_argument("--log-dir", default=None,
+                   help="folder for engine{k}.log (created if missing; default: output discarded)")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="times in a row each engine is started again after it exits (default 5; "
+                        "0: report only; the count resets after 10 min up); the others keep "
+                        "serving meanwhile")
     args, extra = p.parse_known_args(argv)
 
     def ints(s: str | None, flag: str) -> list[int] | None:
@@ -254,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a folder (an HF model folder is expected)")
+    if args.max_restarts < 0:
+        p.error(f"--max-restarts {args.max_restarts}: expected >= 0")
+    if args.log_dir:
+        try:
+            os.makedirs(args.log_dir, exist_ok=True)
+        except OSError as e:
+            p.error(f"--log-dir {args.log_dir!r}: cannot create the folder ({e.strerror or e})")
     # SIGTERM (run.sh's trap, `kill`, srun forwarding) must stop the engines too: they run
     # in their own sessions, and the default action would end this process without its
     # `finally`, leaving every engine holding its GPUs.
@@ -263,15 +385,24 @@ def main(argv: list[str] | None = None) -> int:
                            host=args.host, base_port=args.base_port,
                            gpus=ints(args.gpus, "--gpus"), gpus_per_engine=args.gpus_per_engine,
                            reserve_gpus=ints(args.reserve_gpus, "--reserve-gpus") or [],
-                           extra_args=extra, log_dir=args.log_dir)
+                           extra_args=extra, log_dir=args.log_dir,
+                           max_restarts=args.max_restarts)
     except ValueError as e:
         p.error(str(e))
+    except (RuntimeError, OSError) as e:  # an engine failed to start (TimeoutError included)
+        print(f"fleet_launch: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
     print("\n".join(fleet.endpoints), flush=True)
     try:
-        while all(proc is not None and proc.poll() is None for proc in fleet.procs):
+        while True:
+            for line in fleet.supervise():
+                print(f"fleet_launch: {line}", file=sys.stderr, flush=True)
+            if not fleet.alive():
+                print("fleet_launch: no engine left on this node; exiting", file=sys.stderr, flush=True)
+                return 1
             time.sleep(1)
-        print("fleet_launch: an engine exited; stopping the others", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 0
     finally:

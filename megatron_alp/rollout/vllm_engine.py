@@ -100,14 +100,33 @@ class VLLMEngine:
         """Load every bucket by IPC, waking a sleeping engine in the right order, then
         reset the prefix cache."""
         if self.sleep_level:
+            self._free_trainer_cache()
             self.llm.wake_up(tags=["weights"])
         for bucket in stream:
             if bucket:
                 self._load_bucket(bucket)
         if self.sleep_level:
+            self._free_trainer_cache()  # the export's buffers are garbage by now
             self.llm.wake_up(tags=["kv_cache"])
             self.sleep_level = 0
         require_reset(self.llm.reset_prefix_cache(), "vllm engine")
+
+    def _free_trainer_cache(self) -> None:
+        """Hand this (the trainer's) process's cached, unused GPU memory back to the driver
+        before the engine maps its own again (issue 17, defect 13).
+
+        ``wake_up`` re-creates the weights and the KV cache at the size measured at start
+        with physical memory from the driver (vllm 0.10.2 / 0.33
+        ``device_allocator/cumem.py`` ``CuMemAllocator.wake_up`` -> ``create_and_map``);
+        0.33's ``gc.collect()`` + ``empty_cache()`` at the top of that function run in
+        the *engine's* worker process (0.10.2 has none). Blocks the trainer's caching
+        allocator still reserves after the training step (activations, gradients, the
+        optimizer's temporaries) are free only to the trainer, so the wake can run out of
+        memory from the second sync on. Cycles are collected first, so tensors they
+        hold are freed."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _load_bucket(self, bucket: WeightBucket) -> None:
         from torch.multiprocessing.reductions import reduce_tensor
@@ -134,6 +153,7 @@ class VLLMEngine:
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-allocate memory after :meth:`sleep` without a weight update."""
+        self._free_trainer_cache()
         self.llm.wake_up(tags=list(tags) if tags is not None else None)
         if tags is None or "kv_cache" in tags:
             self.sleep_level = 0

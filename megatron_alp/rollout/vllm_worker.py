@@ -114,6 +114,17 @@ class WeightSyncExtension:
             self._weight_comm = None
             raise
         self.model_runner.get_model().load_weights(weights=weights)
+        # Wait until the load has run on the device (as receive_ipc does), not just been
+        # queued (issue 17, defect 11): load_weights' copies are queued on this thread's
+        # current stream, while the forward runs on vLLM's own stream (vllm 0.33
+        # utils/torch_utils.py current_stream() creates and sets a dedicated stream per
+        # thread; v1/worker/gpu/model_runner.py caches it as main_stream) and, under
+        # 0.33's async scheduling (v1/core/sched/async_scheduler.py), the next step is
+        # queued as soon as the commit returns: without this, that forward can read
+        # half-loaded weights, and the receive buffers freed on return can be handed to
+        # another stream's allocation while the copies still read them.
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
         return nbytes
 
     def receive_ipc(self, items: list[list[Any]]) -> int:
@@ -138,3 +149,16 @@ class WeightSyncExtension:
     def weights_checksum(self) -> float:
         """Sum of all parameters (fp64): lets tests check that an update arrived."""
         return float(sum(p.double().sum() for p in self.model_runner.get_model().parameters()))
+
+    def scheduler_limits(self) -> dict[str, int | None]:
+        """How many sequences this engine's scheduler runs at once: ``max_num_seqs`` and
+        0.33's optional lower admission cap ``max_num_active_seqs`` (None in 0.10.2).
+        The fleet keeps that many completions in flight on the engine (issue 17, defect
+        14). ``self.vllm_config``: the worker's config in vllm 0.10.2
+        ``worker/worker_base.py`` and 0.33 ``v1/worker/worker_base.py``; the value is
+        settled by then (0.33 ``engine/arg_utils.py``
+        ``_set_default_max_num_seqs_and_batched_tokens_args``: 1024 on an H100)."""
+        sched = self.vllm_config.scheduler_config
+        active = getattr(sched, "max_num_active_seqs", None)
+        return dict(max_num_seqs=int(sched.max_num_seqs),
+                    max_num_active_seqs=None if active is None else int(active))

@@ -136,6 +136,8 @@ def test_fleet_bf16_stream_then_no_engines(model_dir):
     fleet = LocalFleet(1, model=model_dir, backend="twin", dtype="float32", startup_timeout_s=180)
     engine = create_engine("fleet", endpoints=fleet.endpoints, request_timeout_s=30, sync_timeout_s=20)
     try:
+        # the in-flight cap is what the engine says it decodes at once (--max-batch-size)
+        assert engine.engines[0].capacity == 64
         # a bf16 stream into an fp32 engine: staged and cast (not received in place)
         torch.manual_seed(5)
         trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

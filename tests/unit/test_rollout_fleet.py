@@ -226,3 +226,67 @@ def test_failed_sync_drains_the_collective_stream():
         fleet.update_weights(_stream(consumed))
     assert consumed == [0, 1, 2, 3]
     fleet.close()
+
+
+class CountingEngine(FakeEngine):
+    """Records the most completions it held at once; says its capacity (as vLLM's
+    ``scheduler_limits`` / the twin's ``/health`` do) when given one."""
+
+    def __init__(self, name, *, says=None, in_health=False, **kw):
+        super().__init__(name, delay=0.02, **kw)
+        self.says, self.in_health = says, in_health
+        self.now = self.peak = 0
+
+    def health(self, *, timeout):
+        h = super().health(timeout=timeout)
+        if self.in_health:
+            h["max_num_seqs"] = self.says
+        return h
+
+    def capacity(self, *, timeout):
+        return None if self.in_health else self.says
+
+    def generate(self, rows, sp, *, timeout):
+        with self.lock:
+            self.now += len(rows)
+            self.peak = max(self.peak, self.now)
+        try:
+            return super().generate(rows, sp, timeout=timeout)
+        finally:
+            with self.lock:
+                self.now -= len(rows)
+
+
+@pytest.mark.parametrize("backend,rows_per_request", [("vllm", None), ("twin", None), ("twin", 2),
+                                                      ("vllm", 7)])
+def test_a_prompts_group_lands_on_one_engine(backend, rows_per_request):
+    """Issue 17, defect 14: vLLM's one completion per request spread a prompt's samples
+    over every engine, each prefilling the prompt again (its prefix cache missed); a
+    request now carries whole groups, also when retried after an engine died."""
+    a, b, c = FakeEngine("a", delay=0.005), FakeEngine("b", delay=0.005), FakeEngine("c", fail_after=1)
+    fleet = create_engine("fleet", endpoints=[a, b, c], backend=backend,
+                          rows_per_request=rows_per_request, max_in_flight=3)
+    _check(fleet.generate(PROMPTS, SP))
+    assert fleet.stats["retries"] == (1 if c.calls else 0)  # c died with a group in flight
+    assert c.calls or backend == "twin"  # the twin's 2 requests of 15 rows went to a and b
+    for i in range(len(PROMPTS)):
+        holders = [e.url for e in (a, b, c) if any(r[0] == i for r in e.rows)]
+        assert len(holders) == 1, (i, holders)
+    assert min(len(a.rows), len(b.rows)) >= 6  # still balanced
+    fleet.close()
+
+
+@pytest.mark.parametrize("says,in_health,configured,want", [
+    (6, False, None, 6),     # vLLM: max_num_seqs, asked of the engine's workers
+    (9, True, None, 9),      # the twin: /health's max_num_seqs (its --max-batch-size)
+    (6, False, 3, 3),        # --rl-fleet-max-in-flight overrides what the engine says
+    (None, False, None, 30),  # says nothing: DEFAULT_CAPACITY (256 for vLLM) > the 30 asked
+])
+def test_in_flight_cap_follows_the_engines_max_num_seqs(says, in_health, configured, want):
+    """Issue 17, defect 14: the fleet capped every engine at 64 requests while vLLM 0.33
+    schedules up to max_num_seqs (1024 on an H100) sequences at once."""
+    e = CountingEngine("a", says=says, in_health=in_health)
+    fleet = create_engine("fleet", endpoints=[e], backend="vllm", max_in_flight=configured)
+    _check(fleet.generate(PROMPTS, SP))  # 10 prompts x 3 samples
+    assert e.peak == want and fleet.engines[0].capacity == (configured or says or 256)
+    fleet.close()

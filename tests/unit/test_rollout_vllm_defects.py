@@ -129,6 +129,48 @@ def test_update_after_sleep_wakes_weights_first(level):
     assert eng.sleep_level == 0
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_trainer_cache_is_freed_before_each_wake(level):
+    """Issue 17, defect 13: the engine woke (weights, then KV cache) while the trainer's
+    caching allocator still held its reserve (empty_cache ran only in close())."""
+    llm = _FakeLLM()
+    eng = _engine(llm)
+    eng._free_trainer_cache = lambda: llm.calls.append("free")  # the real one: next test
+    eng.sleep(level)
+    eng.update_weights([[("a", torch.zeros(1))], [("b", torch.zeros(1))]])
+    assert llm.calls == [f"sleep({level})", "free", "wake_up(['weights'])", "load(1)", "load(1)",
+                         "free", "wake_up(['kv_cache'])", "reset_prefix_cache"]
+    llm.calls.clear()
+    eng.sleep(level)
+    eng.wake_up()
+    assert llm.calls == [f"sleep({level})", "free", "wake_up(None)"]
+    llm.calls.clear()
+    eng.update_weights([[("a", torch.zeros(1))]])  # awake: nothing to wake, nothing freed
+    assert llm.calls == ["load(1)", "reset_prefix_cache"]
+
+
+def test_freeing_the_trainer_cache_collects_cycles():
+    """Tensors held only by reference cycles (autograd graphs, closures) are not freed by
+    empty_cache alone; the free collects them first (on the GPU: then empties the cache,
+    tests/gpu/test_vllm_worker.py)."""
+    import gc
+    import weakref
+
+    eng = _engine(_FakeLLM())
+    gc.disable()  # no automatic collection may free the cycle behind the test's back
+    try:
+        a, b = [torch.ones(1024)], []
+        a.append(b)
+        b.append(a)
+        ref = weakref.ref(a[0])
+        del a, b
+        assert ref() is not None
+        eng._free_trainer_cache()
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_update_awake_and_reset_false():
     llm = _FakeLLM(reset=False)
     eng = _engine(llm)

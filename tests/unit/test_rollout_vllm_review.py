@@ -192,6 +192,9 @@ def test_a_restarted_vllm_engine_is_a_new_instance(monkeypatch):
     def fake_http(url, body=None, *, timeout):
         if url.endswith("/health"):
             return None
+        if body["method"] == "scheduler_limits":  # asked once per instance
+            workers["asked"] = workers.get("asked", 0) + 1
+            return {"results": [dict(max_num_seqs="512", max_num_active_seqs=None)] * 2}
         assert body["method"] == "weight_sync_info"
         return {"results": [dict(rank=k, gpu_uuid="g", instance=i) for k, i in enumerate(workers["ids"])]}
 
@@ -201,10 +204,13 @@ def test_a_restarted_vllm_engine_is_a_new_instance(monkeypatch):
     engine = FleetEngine([ep], backend="vllm", startup_wait_s=0)
     try:
         st = engine.engines[0]
-        assert st.up and not st.stale
+        assert st.up and not st.stale and st.capacity == 512 and workers["asked"] == 1
+        engine.refresh()
+        assert workers["asked"] == 1
         workers["ids"] = ["h:7:c", "h:8:d"]  # killed and started again
         engine.refresh()
         assert st.stale and not engine._serving(st)
+        assert workers["asked"] == 2  # a new instance may run with other settings
     finally:
         engine.close()
 
@@ -320,6 +326,10 @@ class Fleet:
     def __init__(self, n, **kw):
         self.procs = [types.SimpleNamespace(poll=lambda: None)]
         self.endpoints = ["http://127.0.0.1:1"]
+    def supervise(self):
+        return []
+    def alive(self):
+        return 1
     def close(self):
         print("engines stopped", flush=True)
 fl.LocalFleet = Fleet

@@ -11,7 +11,9 @@ from megatron_alp.rollout.wire import (
     completion_from_dict,
     completion_from_openai,
     completion_to_dict,
+    completions_from_openai,
     openai_completion_request,
+    openai_seed,
     sampling_from_dict,
     sampling_to_dict,
 )
@@ -34,7 +36,8 @@ def test_openai_request_one_completion_per_seed():
     assert body == dict(model="m", prompt=[1, 2, 3], n=1, temperature=1.0, top_p=1.0, top_k=-1,
                         min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
                         frequency_penalty=0.0, max_tokens=7, logprobs=0, ignore_eos=False, return_token_ids=True,
-                        skip_special_tokens=False, stop_token_ids=[9], seed=completion_seed(2, 4, 5))
+                        skip_special_tokens=False, stop_token_ids=[9], seed=openai_seed(2, 4, 5))
+    assert openai_seed(2, 4, 5) == completion_seed(2, 4, 0) % 2**62 + 5
 
 
 def test_openai_answer_keeps_abort():
@@ -166,3 +169,40 @@ def test_local_vllm_fleet_reserves_the_trainers_gpus(monkeypatch):
     assert trainer_gpus({}, current=2) == [0, 2]
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='x'"):
         trainer_gpus({"LOCAL_WORLD_SIZE": "x"}, current=0)
+
+
+def test_a_prompt_group_is_one_vllm_request_with_the_same_seeds():
+    """Issue 17, defect 14: a vLLM fleet sent one request per completion (and spread a
+    group over engines). Now one request carries a prompt's group (n samples); vLLM
+    seeds sample k with seed + k (v1/engine/parallel_sampling.py, 0.10.2 and 0.33), so
+    each completion keeps the seed a one-sample request for it would carry."""
+    import megatron_alp.rollout.fleet_backends as fb
+
+    sp = SamplingParams(max_new_tokens=2, n=3, seed=7)
+    sent = []
+
+    def fake_http(url, body=None, *, timeout):
+        sent.append(body)
+        # answered as vLLM does: choice k is child k (seed + k); listed out of order
+        choices = [dict(index=k, token_ids=[body["seed"] + k], finish_reason="length",
+                        logprobs=dict(token_logprobs=[-float(k)])) for k in range(body["n"])]
+        return dict(choices=choices[::-1])
+
+    saved, fb.http_json = fb.http_json, fake_http
+    try:
+        rows = [(4, 0, [1, 2]), (4, 1, [1, 2]), (4, 2, [1, 2]), (5, 0, [3]), (5, 1, [3]), (5, 2, [3])]
+        comps, version = fb.VLLMEndpoint("http://e:1").generate(rows, sp, timeout=5)
+    finally:
+        fb.http_json = saved
+    assert version is None
+    assert [(b["prompt"], b["n"]) for b in sent] == [([1, 2], 3), ([3], 3)]
+    assert [(c.prompt_index, c.sample_index) for c in comps] == [(i, j) for i, j, _ in rows]
+    for c in comps:
+        one = openai_completion_request(None, [0], sp, c.prompt_index, c.sample_index)
+        assert c.token_ids == [one["seed"]] and one["n"] == 1  # the seed vLLM gave it
+    # a retry of part of a group (samples 1..2) draws with the same seeds
+    part = openai_completion_request(None, [1, 2], sp, 4, 1, n=2)
+    assert part["seed"] == openai_seed(7, 4, 1) and part["n"] == 2
+    assert all(openai_seed(7, i, 2) < 2**63 - 1 for i in range(100))
+    with pytest.raises(ValueError, match=r"samples 0..2 has 2 choices, expected 3"):
+        completions_from_openai(dict(choices=[{}, {}]), 4, 0, 3)

@@ -178,3 +178,48 @@ def test_outputs_parse_from_vllms_own_types():
                                       logprobs=CompletionLogProbs(token_logprobs=[-0.5, -1.5], tokens=["a", "b"]))
     resp = CompletionResponse(model="m", choices=[choice], usage=dict(prompt_tokens=1, completion_tokens=2, total_tokens=3))
     assert completion_from_openai(resp.model_dump(), 2, 1) == want
+
+
+def test_a_prompt_group_request_through_vllms_models():
+    """Issue 17, defect 14: a prompt's group is one request with n samples. vLLM accepts
+    the body (n, the largest group seed) and seeds child k with seed + k, collecting the
+    answers in k order (v1/engine/parallel_sampling.py); its response model with n
+    choices parses into samples j0 .. j0 + n - 1."""
+    import inspect
+
+    import vllm.v1.engine.parallel_sampling as parallel_sampling
+
+    try:
+        from vllm.entrypoints.openai.completion.protocol import (
+            CompletionLogProbs,
+            CompletionRequest,
+            CompletionResponse,
+            CompletionResponseChoice,
+        )
+    except ImportError:  # 0.10.2
+        from vllm.entrypoints.openai.protocol import (
+            CompletionLogProbs,
+            CompletionRequest,
+            CompletionResponse,
+            CompletionResponseChoice,
+        )
+
+    from megatron_alp.rollout import Completion, SamplingParams
+    from megatron_alp.rollout.wire import completions_from_openai, openai_completion_request
+
+    body = openai_completion_request(None, [1, 2, 3], SamplingParams(temperature=0.9, seed=5, n=4), 7, 0, n=4)
+    req = CompletionRequest(**body)
+    sp = req.to_sampling_params(16, default_sampling_params={}) if "logits_processor_pattern" not in \
+        req.to_sampling_params.__code__.co_varnames else req.to_sampling_params(16, None, {})
+    assert (sp.n, sp.seed) == (4, body["seed"])
+    CompletionRequest(**dict(body, seed=2**62 - 1 + 3))  # a group's largest seed is an int64
+    src = inspect.getsource(parallel_sampling)
+    assert "child_sampling_params.seed = seed + index" in src
+    assert "self.output_aggregator[completion_output.index] = completion_output" in src
+    choices = [CompletionResponseChoice(index=k, text="", token_ids=[10 + k], finish_reason="length",
+                                        logprobs=CompletionLogProbs(token_logprobs=[-0.5 * k], tokens=["x"]))
+               for k in range(4)]
+    resp = CompletionResponse(model="m", choices=choices, usage=dict(prompt_tokens=3, completion_tokens=4,
+                                                                     total_tokens=7))
+    assert completions_from_openai(resp.model_dump(), 7, 0, 4) == [
+        Completion(7, k, [10 + k], [-0.5 * k], "length") for k in range(4)]

@@ -24,12 +24,12 @@ def add_fleet_flags(parser: argparse.ArgumentParser) -> None:
                    help="fleet engine kind: twin (the CPU twin: LocalEngine served over HTTP + gloo "
                         "weight group) or vllm (vllm serve with our worker extension); default twin")
     g.add_argument("--rl-fleet-max-in-flight", type=int, default=None, metavar="N",
-                   help="requests kept in flight per engine (each holds one client thread); "
-                        "default 8 for the twin, 64 for vLLM — raise it for large vLLM engines "
-                        "so their scheduler sees enough sequences to batch")
+                   help="completions kept in flight per engine (default: what each engine "
+                        "says, vLLM's max_num_seqs or the twin's batch size)")
     g.add_argument("--rl-fleet-rows-per-request", type=int, default=None, metavar="N",
-                   help="completions per request (a prompt's samples stay together so they share "
-                        "the engine's prefix cache); default 16 for the twin, 1 for vLLM")
+                   help="completions per request, in whole prompt groups (a prompt's samples "
+                        "go to one engine and share its prefix cache); default 16 for the twin, "
+                        "one group for vLLM")
     g.add_argument("--rl-fleet-engines", type=int, default=2, metavar="N",
                    help="engines of a locally started fleet (no --rl-fleet-endpoints; default 2)")
     g.add_argument("--rl-fleet-sync-host", default="127.0.0.1", metavar="HOST",
