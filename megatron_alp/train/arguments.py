@@ -457,6 +457,19 @@ def _engine_sleep_level(args: argparse.Namespace) -> int:
     return level
 
 
+def _timeout_minutes(args: argparse.Namespace, argv: Sequence[str]) -> float:
+    """Megatron's ``--distributed-timeout-minutes``; when not given, a generous default
+    (``parallel.DEFAULT_TIMEOUT_MINUTES``) rather than Megatron's 10."""
+    from megatron_alp.parallel import DEFAULT_TIMEOUT_MINUTES
+
+    if not _given(argv, "--distributed-timeout-minutes"):
+        return DEFAULT_TIMEOUT_MINUTES
+    value = args.distributed_timeout_minutes
+    if value is None or value <= 0:
+        raise ValueError(f"--distributed-timeout-minutes={value} is invalid; expected minutes > 0")
+    return float(value)
+
+
 def _positive(name: str, value: Any, minimum: int = 1) -> None:
     if value is None or value < minimum:
         raise ValueError(f"{name}={value} is invalid; expected an integer >= {minimum}")
@@ -568,6 +581,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
         context_parallel_size=cp,
         sequence_parallel=bool(args.sequence_parallel) and tp > 1,
         seed=args.seed,
+        timeout_minutes=_timeout_minutes(args, full_argv),
     )
     if world_size is None:
         env = os.environ.get("WORLD_SIZE")

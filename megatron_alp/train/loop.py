@@ -72,6 +72,8 @@ def _agree(flag: bool) -> bool:
 
 
 def _broadcast(obj: Any, src: int = 0) -> Any:
+    # `src` may have worked alone until now (rollouts): the others wait off the NCCL watchdog
+    parallel.wait_for_rank(src)
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -479,6 +481,7 @@ class Trainer:
                 out[f"val/{name}/pass@{k}"] = sum(pass_at_k(n, correct[r], k) for r in rows) / len(rows)
                 k *= 2
             out["timing_s/eval"] = time.perf_counter() - t0
+        parallel.wait_for_rank(0)  # rank 0 evaluated alone; the next collective waits for it here
         return out
 
     # ------------------------------------------------------------------ state
@@ -546,6 +549,7 @@ def run(cfg: Any) -> dict[str, Any]:
         if rank == 0:
             Path(cfg.run.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run.run_dir) / "config.json").write_text(config_json(cfg) + "\n")
+        parallel.wait_for_rank(0)  # engine start-up (up to 15 min) ran on rank 0 alone
         # The engine starts from the policy's weights (before the first rollout too); on
         # resume under lag it gets the checkpoint's lagged copy.
         if engine_weights_restored:
