@@ -7,7 +7,8 @@ stage, and the grads of sequence-parallel / q-k-norm weights over TP.
 
 A micro-batch is a dict of tensors, at least ``tokens`` [b, s] (and ``position_ids``);
 the caller's ``loss_fn(logits_BSV, batch) -> (loss, stats)`` turns this rank's
-vocab-parallel logits into a scalar loss.
+vocab-parallel logits into a scalar loss. The logits come in the model's precision
+(bf16 under ``Float16Module``: no fp32 copy of ``[b, s, V / TP]``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     }
 
 
+def _output_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Logits in the model's precision: Float16Module would upcast the whole
+    ``[b, s, V / TP]`` to fp32 (``fp32_output=True``, megatron-core 0.19.2
+    ``transformer/module.py``); the log-probs upcast row chunk by row chunk instead
+    (``rl/logprobs.py``), to the same numbers."""
+    from megatron.core.transformer.module import Float16Module
+
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return {"fp32_output": False} if isinstance(inner, Float16Module) else {}
+
+
 def _forward_step(
     loss_fn: LossFn,
     forward_context: ForwardContext | None,
@@ -114,6 +126,7 @@ def _forward_step(
             batch["tokens"],
             batch["position_ids"],
             attention_mask=batch.get("attention_mask"),
+            **_output_kwargs(model),
         )
 
     def loss_func(output: torch.Tensor):

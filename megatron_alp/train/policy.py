@@ -192,7 +192,7 @@ class Policy:
         assert chunks is not None, "no reference model was built"
 
         def loss_fn(logits: torch.Tensor, batch: Batch):
-            out = self._logprobs(logits.float(), batch, with_entropy=with_entropy)
+            out = self._logprobs(logits, batch, with_entropy=with_entropy)
             lp, ent = out if with_entropy else (out, None)
             stats = {"logp": lp.detach()}
             if ent is not None:
