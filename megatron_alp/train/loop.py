@@ -287,16 +287,18 @@ class Trainer:
         return _broadcast(samples)
 
     def _micro(self, st, ids: tuple[int, ...], extra: dict[str, torch.Tensor], offset: int) -> dict:
-        dev = platform.device()
+        """One micro-batch on the host: the schedule moves it to the device (asynchronous
+        copies, ``schedule.batch_to_device``); ``sample_offset`` is a Python int, which
+        ALP's ``perturbed()`` takes without reading a device tensor (no host sync)."""
         idx = torch.tensor(ids, dtype=torch.long)
-        b = {
+        b: dict[str, Any] = {
             "tokens": st.tokens[idx], "labels": st.labels[idx], "loss_mask": st.loss_mask[idx],
             "position_ids": st.position_ids[idx], "rollout_logp": st.rollout_logp[idx],
-            "advantages": st.advantages[idx], "sample_offset": torch.tensor(offset),
+            "advantages": st.advantages[idx], "sample_offset": int(offset),
         }
         for k, v in extra.items():
             b[k] = v[idx]
-        return {k: v.to(dev) for k, v in b.items()}
+        return b
 
     def train_step(self) -> dict[str, float]:
         cfg, run, loss_cfg = self.cfg, self.cfg.run, self.cfg.loss
@@ -347,7 +349,9 @@ class Trainer:
         t0 = time.perf_counter()
         # the ratio as the loss sees it (the KL / entropy terms do not change it)
         ratio_metrics = MismatchMetrics(dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0))
-        sums: dict[str, float] = collections.defaultdict(float)
+        # Summed on the device; read on the host once, after the last update (a read per
+        # mini-batch would wait for each optimizer step).
+        sums_t: dict[str, torch.Tensor] = {}
         grad_norms, lrs = [], []
         first_kl = None
         for it in range(run.iterations):
@@ -400,10 +404,12 @@ class Trainer:
                     vec = torch.stack([torch.as_tensor(mb_sums[k], dtype=torch.float64) for k in keys]).to(platform.device()) if keys else None
                     if vec is not None:
                         dist.all_reduce(vec, group=self.dp_group)
-                        for k, v in zip(keys, vec.tolist()):
-                            sums[k] += v
+                        for k, v in zip(keys, vec):
+                            sums_t[k] = sums_t[k] + v if k in sums_t else v
                         if first_kl is None:
-                            first_kl = vec[keys.index("actor/ppo_kl")].item()
+                            first_kl = vec[keys.index("actor/ppo_kl")]
+        sums = dict(zip(sums_t, torch.stack(list(sums_t.values())).tolist())) if sums_t else {}
+        first_kl = float(first_kl) if first_kl is not None else None
         n_updates = run.iterations * len(plan)
         timing["update_actor"] = time.perf_counter() - t0
         if self.is_last:

@@ -25,7 +25,7 @@ from megatron_alp import parallel
 from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
 from megatron_alp.models.sharding import iter_named_local_params, shard_full_tensor
 from megatron_alp.perturbation import alp_config_overrides, with_alp
-from megatron_alp.rl.logprobs import vocab_parallel_logprobs
+from megatron_alp.rl.logprobs import check_token_ids, vocab_parallel_logprobs
 from megatron_alp.schedule import Batch, forward_backward, wrap_ddp
 
 __all__ = ["Policy", "load_hf_weights", "make_optimizer", "optimizer_step"]
@@ -178,10 +178,17 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         tp = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        # The labels were checked before the schedule (_check_labels): a check here would
+        # be a host sync per micro-batch.
         return vocab_parallel_logprobs(
             logits, batch["labels"], tp_group=tp, temperature=self.cfg.run.temperature,
-            vocab_size=self.vocab_size, with_entropy=with_entropy,
+            vocab_size=self.vocab_size, with_entropy=with_entropy, check_target=False,
         )
+
+    def _check_labels(self, micro_batches: Sequence[Batch]) -> None:
+        """Labels within the vocabulary, all micro-batches at once, before the schedule
+        (free for the trainer's micro-batches, which are built on the host)."""
+        check_token_ids([b["labels"] for b in micro_batches], self.vocab_size)
 
     @torch.no_grad()
     def logprob_pass(
@@ -190,6 +197,7 @@ class Policy:
         """Unperturbed forward-only log-probs ``[b, s]`` (+ entropy) per micro-batch (last stage)."""
         chunks = self.reference if reference else self.model
         assert chunks is not None, "no reference model was built"
+        self._check_labels(micro_batches)
 
         def loss_fn(logits: torch.Tensor, batch: Batch):
             out = self._logprobs(logits, batch, with_entropy=with_entropy)
@@ -226,6 +234,7 @@ class Policy:
         """
         from megatron.core import parallel_state as ps
 
+        self._check_labels(micro_batches)
         n_micro = len(micro_batches)
         scale = float(n_micro * ps.get_data_parallel_world_size())
         need_entropy = self.cfg.loss.needs_entropy
