@@ -36,7 +36,13 @@ from megatron_alp.rl.losses import compute_policy_loss, effective_loss_mask, glo
 from megatron_alp.rl.metrics import MismatchMetrics
 from megatron_alp.rollout import SamplingParams, create_engine
 from megatron_alp.train import checkpoint as ckpt
-from megatron_alp.train.batches import local_sample_ids, plan_minibatches, step_tensors
+from megatron_alp.train.batches import (
+    StepTensors,
+    local_sample_ids,
+    plan_minibatches,
+    scatter_step_tensors,
+    step_tensors,
+)
 from megatron_alp.train.logging import RunLogger, progress_line, summary_table
 from megatron_alp.train.policy import Policy
 from megatron_alp.train.rollouts import (
@@ -269,12 +275,15 @@ class Trainer:
             max_new_tokens=run.max_new_tokens, n=n, seed=seed, stop_token_ids=self.stop_ids,
         )
 
-    def rollouts(self, timing: dict[str, float]) -> list[Sample]:
+    def rollouts(self, timing: dict[str, float]) -> tuple[list[Sample] | None, StepTensors | None, int, int]:
+        """Rank 0 generates; every rank learns the step's ``(N, S)``. Returns the samples
+        and their ``[N, S]`` tensors on rank 0 (None elsewhere), N and S."""
         from megatron_alp.rewards import get_reward
 
         run = self.cfg.run
         rows = self.sampler.next(run.prompts_per_step)
-        samples = None
+        samples = st = None
+        shape = None
         if self.rank == 0:
             t0 = time.perf_counter()
             seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
@@ -284,7 +293,35 @@ class Trainer:
             )
             add_advantages(samples, run.advantage_estimator)
             timing["gen"] = time.perf_counter() - t0
-        return _broadcast(samples)
+            st = step_tensors(samples, multiple=self.multiple)
+            shape = tuple(st.tokens.shape)
+        N, S = _broadcast(shape)
+        return samples, st, N, S
+
+    def _local_step_tensors(self, st: StepTensors | None, N: int, S: int) -> StepTensors:
+        """``[N, S]`` step tensors holding this DP rank's rows (the others stay 0): rank 0
+        sends each replica its own rows as tensors (``scatter_step_tensors``), not a
+        pickled copy of every sample to every rank."""
+        cfg = self.cfg
+        rows_by_dp = [
+            local_sample_ids(plan_minibatches(
+                N, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+                dp_size=cfg.data_parallel_size, dp_rank=d, seed=cfg.seed, step=self.step,
+            ))
+            for d in range(cfg.data_parallel_size)
+        ]
+        mine = scatter_step_tensors(st, (N, S), rows_by_dp, device=platform.device())
+        if st is not None:
+            return st  # rank 0 has every row already
+        idx = torch.tensor(rows_by_dp[self.ps.get_data_parallel_rank()], dtype=torch.long)
+        full = StepTensors(
+            tokens=torch.zeros((N, S), dtype=torch.long), labels=torch.zeros((N, S), dtype=torch.long),
+            loss_mask=torch.zeros((N, S)), rollout_logp=torch.zeros((N, S)),
+            advantages=torch.zeros(N), position_ids=torch.zeros((N, S), dtype=torch.long),
+        )
+        for f in dataclasses.fields(StepTensors):
+            getattr(full, f.name)[idx] = getattr(mine, f.name)
+        return full
 
     def _micro(self, st, ids: tuple[int, ...], extra: dict[str, torch.Tensor], offset: int) -> dict:
         """One micro-batch on the host: the schedule moves it to the device (asynchronous
@@ -304,11 +341,11 @@ class Trainer:
         cfg, run, loss_cfg = self.cfg, self.cfg.run, self.cfg.loss
         timing: dict[str, float] = {}
         t_step = time.perf_counter()
-        samples = self.rollouts(timing)
+        samples, st, N, S = self.rollouts(timing)
         self._engine_sleep(timing)
-        st = step_tensors(samples, multiple=self.multiple)
+        st = self._local_step_tensors(st, N, S)
         plan = plan_minibatches(
-            len(samples), global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+            N, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
             dp_size=cfg.data_parallel_size, dp_rank=self.ps.get_data_parallel_rank(), seed=cfg.seed,
             step=self.step,
         )
@@ -319,7 +356,6 @@ class Trainer:
         t0 = time.perf_counter()
         chunks = [tuple(local[k : k + mbs]) for k in range(0, len(local), mbs)]
         passes = self.policy.logprob_pass([self._micro(st, c, {}, 0) for c in chunks], with_entropy=True)
-        N, S = st.tokens.shape
         old = torch.zeros((N, S))
         ent = torch.zeros((N, S))
         mismatch = MismatchMetrics(None)
