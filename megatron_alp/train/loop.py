@@ -447,6 +447,7 @@ class Trainer:
         sums = dict(zip(sums_t, torch.stack(list(sums_t.values())).tolist())) if sums_t else {}
         first_kl = float(first_kl) if first_kl is not None else None
         n_updates = run.iterations * len(plan)
+        self.policy.sync_params()  # the last step's weights, before anything reads them
         timing["update_actor"] = time.perf_counter() - t0
         if self.is_last:
             rm = ratio_metrics.compute(dp_group=self.dp_group, device=platform.device())

@@ -26,7 +26,7 @@ from megatron_alp.models import build_model, gpt_args_from_hf, transformer_confi
 from megatron_alp.models.sharding import iter_named_local_params, shard_full_tensor
 from megatron_alp.perturbation import alp_config_overrides, with_alp
 from megatron_alp.rl.logprobs import check_token_ids, vocab_parallel_logprobs
-from megatron_alp.schedule import Batch, forward_backward, wrap_ddp
+from megatron_alp.schedule import Batch, forward_backward, sync_params, wrap_ddp
 
 __all__ = ["Policy", "load_hf_weights", "make_optimizer", "optimizer_step"]
 
@@ -143,6 +143,7 @@ class Policy:
             bf16=cfg.bf16,
             params_dtype=dtype,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
+            overlap_param_gather=self.model[0].ddp_config.overlap_param_gather,
         )
         self.optimizer = make_optimizer(self.model, self.opt_config, cfg.alp)
         sch = cfg.scheduler
@@ -160,6 +161,13 @@ class Policy:
             wd_incr_steps=max(cfg.train_iters * steps, 1),
             wd_incr_style=sch["weight_decay_incr_style"],
         )
+
+    def sync_params(self) -> None:
+        """Every rank's weights complete after the last optimizer step (collective): with
+        ``overlap_param_gather`` (on with the distributed optimizer on CUDA) the step's
+        all-gather is otherwise left to the next forward. Call before reading weights
+        outside a forward: the weight export, a checkpoint, ALP's sigma metrics."""
+        sync_params(self.model)
 
     def _maybe_fp16(self, chunk: torch.nn.Module) -> torch.nn.Module:
         if not self.cfg.bf16:
