@@ -126,6 +126,8 @@ class Trainer:
 
         self.ps = ps
         self.dp_group = ps.get_data_parallel_group()
+        # host tensors, host group: the loss counts are reduced without touching the GPU
+        self.dp_group_host = ps.get_data_parallel_group_gloo() if parallel.has_gloo_groups() else self.dp_group
         self.is_last = ps.is_pipeline_last_stage()
         self.multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
         self.metrics_owner = _metrics_owner()
@@ -390,6 +392,9 @@ class Trainer:
         sums_t: dict[str, torch.Tensor] = {}
         grad_norms, lrs = [], []
         first_kl = None
+        # every optimizer step's ALP key drawn now, while the device is idle (the same
+        # sequence as drawing each before its step; a draw reads a device tensor)
+        alp_keys = iter([step_key(cfg.alp) for _ in range(run.iterations * len(plan))] if cfg.alp.enabled else [])
         for it in range(run.iterations):
             for mb in plan:
                 batches = [self._micro(st, ids, extra, off) for ids, off in zip(mb.micro, mb.offsets)]
@@ -402,7 +407,7 @@ class Trainer:
                         )
                         for b in batches
                     ]
-                    counts = global_loss_counts(masks, dp_group=self.dp_group)
+                    counts = global_loss_counts(masks, dp_group=self.dp_group_host)
                 mb_sums: dict[str, torch.Tensor] = {}
 
                 def loss_fn(lp, entropy, b, _counts=counts, _sums=mb_sums):
@@ -427,7 +432,7 @@ class Trainer:
 
                 ctx = None
                 if cfg.alp.enabled:
-                    key = step_key(cfg.alp)
+                    key = next(alp_keys)
                     ctx = lambda b, _k=key, _s=self.opt_step: perturbed(  # noqa: E731
                         key=_k, step=_s, sample_offset=b["sample_offset"]
                     )
