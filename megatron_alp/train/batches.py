@@ -131,7 +131,7 @@ def scatter_step_tensors(
     of every sample to every rank: a scatter over rank 0's data-parallel group (the
     first tensor/pipeline rank of each replica), then a broadcast over the tensor- and
     the pipeline-parallel group. A replica receives ``N / DP`` rows of ``[tokens, labels,
-    positions]`` (int64) and ``[mask, rollout log-prob, advantage]`` (fp32).
+    positions]`` (int32 on the wire) and ``[mask, rollout log-prob, advantage]`` (fp32).
     """
     from megatron.core import parallel_state as ps
 
@@ -139,7 +139,7 @@ def scatter_step_tensors(
     if any(len(r) != n_local for r in rows_by_dp):
         raise ValueError(f"every DP rank must train on as many samples; got {[len(r) for r in rows_by_dp]}")
     S = shape[1]
-    ints = torch.empty((n_local, 3, S), dtype=torch.long, device=device)
+    ints = torch.empty((n_local, 3, S), dtype=torch.int32, device=device)  # ids < 2**31
     floats = torch.empty((n_local, 3, S), dtype=torch.float32, device=device)
     if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True):
         dp_group = ps.get_data_parallel_group()
@@ -147,7 +147,7 @@ def scatter_step_tensors(
         int_parts = float_parts = None
         if dist.get_rank() == src:
             assert full is not None and dist.get_rank() == 0, "global rank 0 holds the step"
-            packed_i = torch.stack([full.tokens, full.labels, full.position_ids], dim=1)
+            packed_i = torch.stack([full.tokens, full.labels, full.position_ids], dim=1).to(torch.int32)
             adv = full.advantages[:, None].expand(-1, S)
             packed_f = torch.stack([full.loss_mask, full.rollout_logp, adv], dim=1)
             int_parts = [packed_i[list(r)].to(device) for r in rows_by_dp]
@@ -162,7 +162,7 @@ def scatter_step_tensors(
         for t in (ints, floats):
             dist.broadcast(t, src=ps.get_pipeline_model_parallel_first_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-    ints, floats = ints.cpu(), floats.cpu()
+    ints, floats = ints.cpu().long(), floats.cpu()
     return StepTensors(
         tokens=ints[:, 0].contiguous(), labels=ints[:, 1].contiguous(),
         loss_mask=floats[:, 0].contiguous(), rollout_logp=floats[:, 1].contiguous(),
