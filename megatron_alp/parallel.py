@@ -11,6 +11,13 @@ Tests that sweep several layouts inside one group of ranks use
 :func:`init_distributed` once and then ``with model_parallel(cfg): ...`` per layout.
 Every configuration error is raised as a ``ValueError`` *before* any process group is
 created, so a bad flag never leaves half-initialised ranks waiting on each other.
+
+**Timeouts.** Every collective of the default group and of Megatron's groups fails after
+``ParallelConfig.timeout_minutes`` (the trainer's ``--distributed-timeout-minutes``,
+default 30; torch's NCCL watchdog aborts the job then). Phases where only rank 0 works
+(engine start-up, generation, evaluation) may take longer: the other ranks wait for it
+in :func:`wait_for_rank` on a gloo group of their own (``IDLE_TIMEOUT``, 24 h), where no
+watchdog fires, and enter the next NCCL collective only when rank 0 is there too.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from megatron_alp import platform
 __all__ = [
     "ParallelConfig",
     "ParallelInfo",
+    "DEFAULT_TIMEOUT_MINUTES",
+    "IDLE_TIMEOUT",
     "destroy_model_parallel",
     "has_gloo_groups",
     "init_distributed",
@@ -39,7 +48,14 @@ __all__ = [
     "model_parallel",
     "set_seeds",
     "teardown",
+    "wait_for_rank",
 ]
+
+DEFAULT_TIMEOUT_MINUTES = 30.0
+"""Collective timeout when ``--distributed-timeout-minutes`` is not given (Megatron's is 10)."""
+IDLE_TIMEOUT = datetime.timedelta(hours=24)
+"""How long :func:`wait_for_rank` waits for a rank busy on its own (rollouts, evaluation)."""
+_idle_group: dist.ProcessGroup | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,6 +74,9 @@ class ParallelConfig:
     """Shard activations outside attention/MLP along the sequence over the TP group."""
     seed: int = 1234
     """Base seed: python/numpy/torch and Megatron's RNG tracker states derive from it."""
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    """Timeout of every collective (the default group's and Megatron's groups); see the
+    module docstring for the phases where one rank works alone."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +99,9 @@ class ParallelConfig:
                     f"ParallelConfig.virtual_pipeline_model_parallel_size={vpp} needs "
                     "pipeline_model_parallel_size > 1"
                 )
+        t = self.timeout_minutes
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"ParallelConfig.timeout_minutes must be a number > 0, got {t!r}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "ParallelConfig.sequence_parallel=True needs tensor_model_parallel_size > 1 "
@@ -149,13 +171,14 @@ def init_distributed(
     world_size: int | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
-    timeout_minutes: float = 10.0,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
 ) -> tuple[int, int]:
     """Initialise torch.distributed (and the CPU backend where CUDA is absent); idempotent.
 
     ``rank``/``world_size`` default to torchrun's ``RANK``/``WORLD_SIZE`` (a single
     process when unset); the rendezvous is ``MASTER_ADDR:MASTER_PORT`` (default
-    127.0.0.1:29500). Returns ``(rank, world_size)``. The rank's CUDA device
+    127.0.0.1:29500); ``timeout_minutes`` bounds every collective of the default group.
+    Returns ``(rank, world_size)``. The rank's CUDA device
     (:func:`megatron_alp.platform.device`) is made current every time, also when
     torch.distributed was already initialised by someone else.
     """
@@ -232,8 +255,12 @@ def initialize(
         ws = world_size if world_size is not None else (_env_int("WORLD_SIZE") or 1)
     cfg.data_parallel_size(ws)  # raises ValueError before any group is created
     init_distributed(
-        rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port
+        rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
+        timeout_minutes=cfg.timeout_minutes,
     )
+    # Also when torch.distributed was up already (torchrun's entry, a test harness): the
+    # default group's collectives follow cfg.timeout_minutes from here on.
+    dist.set_timeout(datetime.timedelta(minutes=cfg.timeout_minutes))
     if ps.model_parallel_is_initialized():
         raise RuntimeError(
             "Megatron model parallel is already initialised; call "
@@ -244,6 +271,7 @@ def initialize(
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        distributed_timeout_minutes=cfg.timeout_minutes,
         # gloo sub-groups are only needed by the distributed optimizer's CPU paths; the
         # default backend already is gloo on CPU.
         create_gloo_process_groups=has_gloo_groups(),
@@ -268,10 +296,30 @@ def _destroy_subgroups() -> None:
     # the registry destroy_process_group itself uses.
     from torch.distributed import distributed_c10d as c10d
 
+    global _idle_group
+    _idle_group = None
     default = c10d._get_default_group()
     for pg in list(c10d._world.pg_map):
         if pg is not default:
             dist.destroy_process_group(pg)
+
+
+def wait_for_rank(src: int = 0) -> None:
+    """Collective: every rank returns once rank ``src`` has called this too.
+
+    The ranks that arrive first wait on a gloo group of the whole world whose timeout is
+    ``IDLE_TIMEOUT`` (not the collective timeout) and which has no NCCL watchdog: call it
+    after a phase that only ``src`` works in (engine start-up, generation, evaluation),
+    before the next collective on the default or Megatron's groups. A dead ``src`` still
+    ends the wait (gloo reports the closed connection). Costs one small gloo collective.
+    """
+    global _idle_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if _idle_group is None:  # collective: every rank gets here in the same order
+        _idle_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    flag = torch.zeros(1)
+    dist.broadcast(flag, src=src, group=_idle_group)
 
 
 def destroy_model_parallel() -> None:

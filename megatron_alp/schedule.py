@@ -7,7 +7,8 @@ stage, and the grads of sequence-parallel / q-k-norm weights over TP.
 
 A micro-batch is a dict of tensors, at least ``tokens`` [b, s] (and ``position_ids``);
 the caller's ``loss_fn(logits_BSV, batch) -> (loss, stats)`` turns this rank's
-vocab-parallel logits into a scalar loss.
+vocab-parallel logits into a scalar loss. The logits come in the model's precision
+(bf16 under ``Float16Module``: no fp32 copy of ``[b, s, V / TP]``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_alp import platform
 
-__all__ = ["LossFn", "batch_to_device", "forward_backward", "wrap_ddp"]
+__all__ = ["LossFn", "batch_to_device", "forward_backward", "sync_params", "wrap_ddp"]
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, Any]]]
@@ -43,6 +44,7 @@ def wrap_ddp(
     grad_reduce_in_fp32: bool = True,
     overlap_grad_reduce: bool | None = None,
     align_grad_reduce: bool = True,
+    overlap_param_gather: bool | None = None,
 ) -> list[DistributedDataParallel]:
     """Wrap model chunks in Megatron DDP and hook the schedules' grad finalisation.
 
@@ -54,13 +56,28 @@ def wrap_ddp(
     learnable ALP sigma trained outside ``perturbed(...)`` gets none, so pass False there.
     ``align_grad_reduce`` (with overlap and pipelining) launches the reductions of all
     pipeline stages from the schedule, like megatron.training does by default.
+
+    ``overlap_param_gather`` (Megatron's ``--overlap-param-gather``, distributed optimizer
+    only): None (default) turns it on with the distributed optimizer on CUDA. The
+    optimizer step then leaves each rank with only its own shard of the new weights; the
+    all-gather of each bucket runs from the next forward's pre-hooks (megatron-core
+    0.19.2 ``distributed_data_parallel.py`` ``_make_forward_pre_hook``,
+    ``distrib_optimizer.py`` ``step_with_ready_grads``), overlapping the next
+    mini-batch's forward. Anything that reads the weights outside a forward (the weight
+    export, a checkpoint, ALP's sigma metrics) must call :func:`sync_params` first.
     """
     if overlap_grad_reduce is None:
         overlap_grad_reduce = platform.cuda_available()
+    if overlap_param_gather is None:
+        overlap_param_gather = use_distributed_optimizer and platform.cuda_available()
+    if overlap_param_gather and not use_distributed_optimizer:
+        raise ValueError("overlap_param_gather=True needs use_distributed_optimizer=True "
+                         "(only the distributed optimizer shards the weights it gathers)")
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
     )
     wrapped = [
         DistributedDataParallel(
@@ -78,6 +95,15 @@ def wrap_ddp(
         syncs = [m.start_grad_sync for m in wrapped]
         config.grad_sync_func = syncs if len(syncs) > 1 else syncs[0]
     return wrapped
+
+
+def sync_params(model: Sequence[torch.nn.Module]) -> None:
+    """Finish every weight all-gather left for the next forward (``overlap_param_gather``);
+    a no-op otherwise. Collective over the data-parallel group."""
+    for m in model:
+        if isinstance(m, DistributedDataParallel) and m.ddp_config.overlap_param_gather:
+            with torch.no_grad():
+                m.start_param_sync(force_sync=True)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -99,6 +125,17 @@ def batch_to_device(batch: Batch, device: torch.device) -> Batch:
     }
 
 
+def _output_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """Logits in the model's precision: Float16Module would upcast the whole
+    ``[b, s, V / TP]`` to fp32 (``fp32_output=True``, megatron-core 0.19.2
+    ``transformer/module.py``); the log-probs upcast row chunk by row chunk instead
+    (``rl/logprobs.py``), to the same numbers."""
+    from megatron.core.transformer.module import Float16Module
+
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return {"fp32_output": False} if isinstance(inner, Float16Module) else {}
+
+
 def _forward_step(
     loss_fn: LossFn,
     forward_context: ForwardContext | None,
@@ -114,6 +151,7 @@ def _forward_step(
             batch["tokens"],
             batch["position_ids"],
             attention_mask=batch.get("attention_mask"),
+            **_output_kwargs(model),
         )
 
     def loss_func(output: torch.Tensor):

@@ -44,7 +44,9 @@ broadcast each bucket, synchronously, before taking the next one).
 ALP parameters (``is_alp_param``) are never sent. A bucket is emitted before it would
 exceed ``bucket_bytes`` (counted on the canonical tensor in the engine dtype, padded
 vocabulary included: an upper bound of what the bucket holds); a single tensor larger
-than the bound is refused up front with a ValueError naming it.
+than the bound (a 7B model's embedding and output layer, 1.09 GB in bf16) travels
+alone, in a bucket of its own size. The largest bucket is therefore
+``max(bucket_bytes, largest tensor)``, and that is the bound of the memory above.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ from megatron_alp.convert.mapping import ModelMapping, get_mapping, is_alp_param
 from megatron_alp.models.hf import gpt_args_from_hf
 from megatron_alp.models.sharding import iter_named_local_params
 
-__all__ = ["ExportBuffers", "ExportPlan", "export_hf_buckets", "plan_export"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "ExportBuffers", "ExportPlan", "export_hf_buckets", "plan_export"]
+
+DEFAULT_BUCKET_BYTES = 512 << 20
+"""The bucket bound the trainer's weight sync uses (a larger tensor gets a bucket of its own)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,14 +134,13 @@ def plan_export(
     elem = torch.empty((), dtype=dtype).element_size()
     sizes, buckets, offsets, numels, bucket_numel = [], [], [], [], [0]
     used = 0
+    if bucket_bytes < 1:
+        raise ValueError(f"live export: bucket_bytes={bucket_bytes} is invalid; expected >= 1")
     for n in names:
         size = elem * math.prod(mapping.megatron_shape(n))
-        if size > bucket_bytes:
-            raise ValueError(
-                f"live export: tensor {n} needs {size} bytes in {dtype}, more than "
-                f"bucket_bytes={bucket_bytes}; raise bucket_bytes to at least {size}"
-            )
-        if used + size > bucket_bytes:
+        # A tensor larger than the bound travels alone, in a bucket of its own size: a 7B
+        # model's vocabulary tensors (1.09 GB in bf16) exceed the 512 MiB default.
+        if used and used + size > bucket_bytes:
             used = 0
             bucket_numel.append(0)
         numel = _hf_numel(mapping, n)
@@ -498,7 +502,7 @@ def export_hf_buckets(
     hf_config: Any,
     *,
     dtype: torch.dtype = torch.bfloat16,
-    bucket_bytes: int = 512 << 20,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     src_rank: int = 0,
     buffers: ExportBuffers | None = None,
     profile: dict[str, float] | None = None,

@@ -302,11 +302,13 @@ def build_model(
     layer_spec_transform: Callable[[ModuleSpec], ModuleSpec] | None = None,
     make_vocab_size_divisible_by: int = 128,
     parallel_output: bool = True,
+    device: torch.device | str | None = None,
 ) -> list[GPTModel]:
     """This rank's GPTModel chunks (one per virtual pipeline stage; one without VPP).
 
-    Call after :func:`megatron_alp.parallel.initialize`. Models are on
-    :func:`megatron_alp.platform.device` and in ``config.params_dtype``;
+    Call after :func:`megatron_alp.parallel.initialize`. Models are on ``device``
+    (default :func:`megatron_alp.platform.device`; ``"meta"`` builds the shapes only, no
+    memory: build under ``with torch.device("meta"):`` too) and in ``config.params_dtype``;
     ``layer_spec_transform`` wraps the layer spec (e.g. ``functools.partial(with_alp,
     cfg=alp_cfg)``). Logits stay vocab-parallel (``parallel_output=True``).
     """
@@ -338,7 +340,7 @@ def build_model(
             vp_stage=stage,
         )
         _apply_rope_scaling(model, args)
-        model.to(platform.device())
+        model.to(platform.device() if device is None else device)
         chunks.append(model)
     return chunks
 

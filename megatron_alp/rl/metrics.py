@@ -5,10 +5,12 @@ Call :meth:`MismatchMetrics.update` once per micro-batch (detached inputs, cheap
 set: ``compute`` all-gathers the masked per-token values over the CP group and then the DP
 group, so every rank holds O(global tokens) floats (5 per token; e.g. 512 x 8 responses x
 2k tokens = 8.4M tokens -> ~170 MB in fp32 per rank, once per step) and sorts them. Pass a
-smaller ``max_tokens`` budget upstream if that is too much; no sketch is used. The
-per-micro-batch values stay on the device they were computed on (``update`` makes no
-host copies, so it adds no synchronisation beyond the masked selection); ``compute``
-gathers them on the groups' communication device and copies the result to the host once.
+smaller ``max_tokens`` budget upstream if that is too much; no sketch is used. ``update``
+never waits for the device (it runs inside the loss, once per micro-batch): the per-token
+values of every position (5 floats, masked ones included) go to pinned host memory by
+asynchronous copies, the per-sequence sums stay on the device, and the valid tokens and
+sequences are selected in ``compute``, which gathers them on the groups' communication
+device and copies the result to the host once.
 
 Names follow verl's ``rollout_corr/*`` and ``is_ratio/*`` where they exist. With ``delta =
 logp_train - logp_rollout`` per token and ``rho = exp(delta)``:
@@ -68,12 +70,23 @@ def _quantiles(x: torch.Tensor, qs: Sequence[float]) -> list[float]:
     return out
 
 
+def _offload(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host: an asynchronous copy into pinned memory from a GPU (no sync; the
+    copies are waited for in ``compute``), ``t`` itself on the CPU."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 class MismatchMetrics:
     """Accumulates one step's micro-batches, then reduces them globally (see module docstring)."""
 
     def __init__(self, cfg: PolicyLossConfig | None = None) -> None:
         self.cfg = cfg
-        self._tok: list[torch.Tensor] = []  # [n, 5]: delta, log_ratio, adv, w, is_log_raw
+        self._tok: list[torch.Tensor] = []  # [b * t, 5]: delta, log_ratio, adv, w, is_log_raw
+        self._tok_valid: list[torch.Tensor] = []  # [b * t]: the token counts (selected in compute)
         self._seq: list[torch.Tensor] = []  # [b, 4]: sum delta, n, sum lp, sum rollout
         self._seq_flags: list[torch.Tensor] = []  # [b, 3]: weight-0 tokens>0, vetoed, counted
         self._counts: torch.Tensor | None = None  # [2]: nonfinite tokens, nonfinite seqs
@@ -140,13 +153,15 @@ class MismatchMetrics:
                 flags[:, 0] = all_reduce_sum(zero_w, cp_group)
                 if t.veto_B is not None:
                     flags[:, 1] = t.veto_B.double()
-        self._tok.append(torch.stack([c[valid].float() for c in cols], dim=-1))
+        # Every token and sequence is kept with its flag and selected in compute(): a
+        # boolean selection here would read its size on the host (a sync per micro-batch).
+        self._tok.append(_offload(torch.stack([c.float() for c in cols], dim=-1).reshape(-1, 5)))
+        self._tok_valid.append(_offload(valid.reshape(-1)))
         seq = torch.stack([delta.sum(-1), valid.sum(-1), lp.sum(-1), roll.sum(-1)], -1).double()
         seq = all_reduce_sum(seq, cp_group)
-        keep = seq[:, 1] > 0  # sequences with at least one valid token
         flags[:, 2] = 1.0
-        self._seq.append(seq[keep])
-        self._seq_flags.append(flags[keep])
+        self._seq.append(seq)  # [b, 4]: small, stays where it is
+        self._seq_flags.append(flags)
 
     @torch.no_grad()
     def compute(
@@ -164,9 +179,13 @@ class MismatchMetrics:
         they are elsewhere (the GPU under NCCL: :func:`~megatron_alp.rl.collectives.comm_device`).
         """
         dev = torch.device(device) if device is not None else (self._device or torch.device("cpu"))
-        tok = torch.cat(self._tok) if self._tok else torch.zeros((0, 5))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the host copies made by _offload are complete
+        tok = torch.cat([t[v] for t, v in zip(self._tok, self._tok_valid)]) if self._tok else torch.zeros((0, 5))
         seq = torch.cat(self._seq) if self._seq else torch.zeros((0, 4), dtype=torch.float64)
         flags = torch.cat(self._seq_flags) if self._seq_flags else torch.zeros((0, 3), dtype=torch.float64)
+        keep = seq[:, 1] > 0  # sequences with at least one valid token
+        seq, flags = seq[keep], flags[keep]
         counts = self._counts if self._counts is not None else torch.zeros(2, dtype=torch.float64)
         # tokens are distinct across CP and DP ranks; sequences (already CP-reduced) across DP only
         tok = gather_cat(gather_cat(tok.to(dev), cp_group), dp_group).cpu()

@@ -226,7 +226,7 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
     alp = resolve_alp(args, cfg_path, cfg_data, preset, loss)
     run_args.check_run(args)
     mg.check_optimizer(args)
-    parallel, world_size, dp = mg.parallel_layout(args, hf, world_size)
+    parallel, world_size, dp = mg.parallel_layout(args, hf, world_size, full_argv)
     gbs = mg.check_batches(args, dp)
     mg.check_sampling(args)
     seq_length, max_prompt = mg.sequence_lengths(args, full_argv)

@@ -26,10 +26,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_alp.train.rollouts import Sample
 
-__all__ = ["MiniBatch", "StepTensors", "plan_minibatches", "step_tensors"]
+__all__ = ["MiniBatch", "StepTensors", "plan_minibatches", "scatter_step_tensors", "step_tensors"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,3 +113,58 @@ def plan_minibatches(
 def local_sample_ids(plan: Sequence[MiniBatch]) -> list[int]:
     """Every sample index this rank trains on, in plan order."""
     return [i for mb in plan for mic in mb.micro for i in mic]
+
+
+def scatter_step_tensors(
+    full: StepTensors | None,
+    shape: tuple[int, int],
+    rows_by_dp: Sequence[Sequence[int]],
+    *,
+    device: torch.device,
+) -> StepTensors:
+    """Each data-parallel replica gets its own rows of rank 0's step tensors (collective).
+
+    ``full`` is the step's ``[N, S]`` tensors on global rank 0 (None elsewhere), ``shape``
+    is ``(N, S)`` on every rank, ``rows_by_dp[d]`` the sample ids DP rank ``d`` trains on
+    (``local_sample_ids`` of its plan, the same lists on every rank). Returns this rank's
+    rows, in that order, on the host. Three tensor collectives instead of a pickled copy
+    of every sample to every rank: a scatter over rank 0's data-parallel group (the
+    first tensor/pipeline rank of each replica), then a broadcast over the tensor- and
+    the pipeline-parallel group. A replica receives ``N / DP`` rows of ``[tokens, labels,
+    positions]`` (int32 on the wire) and ``[mask, rollout log-prob, advantage]`` (fp32).
+    """
+    from megatron.core import parallel_state as ps
+
+    n_local = len(rows_by_dp[ps.get_data_parallel_rank()])
+    if any(len(r) != n_local for r in rows_by_dp):
+        raise ValueError(f"every DP rank must train on as many samples; got {[len(r) for r in rows_by_dp]}")
+    S = shape[1]
+    ints = torch.empty((n_local, 3, S), dtype=torch.int32, device=device)  # ids < 2**31
+    floats = torch.empty((n_local, 3, S), dtype=torch.float32, device=device)
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True):
+        dp_group = ps.get_data_parallel_group()
+        src = dist.get_global_rank(dp_group, 0)
+        int_parts = float_parts = None
+        if dist.get_rank() == src:
+            assert full is not None and dist.get_rank() == 0, "global rank 0 holds the step"
+            packed_i = torch.stack([full.tokens, full.labels, full.position_ids], dim=1).to(torch.int32)
+            adv = full.advantages[:, None].expand(-1, S)
+            packed_f = torch.stack([full.loss_mask, full.rollout_logp, adv], dim=1)
+            int_parts = [packed_i[list(r)].to(device) for r in rows_by_dp]
+            float_parts = [packed_f[list(r)].to(device) for r in rows_by_dp]
+        dist.scatter(ints, int_parts, src=src, group=dp_group)
+        dist.scatter(floats, float_parts, src=src, group=dp_group)
+    if ps.get_tensor_model_parallel_world_size() > 1 and ps.is_pipeline_first_stage(ignore_virtual=True):
+        for t in (ints, floats):
+            dist.broadcast(t, src=ps.get_tensor_model_parallel_src_rank(),
+                           group=ps.get_tensor_model_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        for t in (ints, floats):
+            dist.broadcast(t, src=ps.get_pipeline_model_parallel_first_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+    ints, floats = ints.cpu().long(), floats.cpu()
+    return StepTensors(
+        tokens=ints[:, 0].contiguous(), labels=ints[:, 1].contiguous(),
+        loss_mask=floats[:, 0].contiguous(), rollout_logp=floats[:, 1].contiguous(),
+        advantages=floats[:, 2, 0].contiguous(), position_ids=ints[:, 2].contiguous(),
+    )

@@ -36,7 +36,13 @@ from megatron_alp.rl.losses import compute_policy_loss, effective_loss_mask, glo
 from megatron_alp.rl.metrics import MismatchMetrics
 from megatron_alp.rollout import SamplingParams, create_engine
 from megatron_alp.train import checkpoint as ckpt
-from megatron_alp.train.batches import local_sample_ids, plan_minibatches, step_tensors
+from megatron_alp.train.batches import (
+    StepTensors,
+    local_sample_ids,
+    plan_minibatches,
+    scatter_step_tensors,
+    step_tensors,
+)
 from megatron_alp.train.logging import RunLogger, progress_line, summary_table
 from megatron_alp.train.policy import Policy
 from megatron_alp.train.rollouts import (
@@ -72,6 +78,8 @@ def _agree(flag: bool) -> bool:
 
 
 def _broadcast(obj: Any, src: int = 0) -> Any:
+    # `src` may have worked alone until now (rollouts): the others wait off the NCCL watchdog
+    parallel.wait_for_rank(src)
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -118,6 +126,8 @@ class Trainer:
 
         self.ps = ps
         self.dp_group = ps.get_data_parallel_group()
+        # host tensors, host group: the loss counts are reduced without touching the GPU
+        self.dp_group_host = ps.get_data_parallel_group_gloo() if parallel.has_gloo_groups() else self.dp_group
         self.is_last = ps.is_pipeline_last_stage()
         self.multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
         self.metrics_owner = _metrics_owner()
@@ -267,12 +277,15 @@ class Trainer:
             max_new_tokens=run.max_new_tokens, n=n, seed=seed, stop_token_ids=self.stop_ids,
         )
 
-    def rollouts(self, timing: dict[str, float]) -> list[Sample]:
+    def rollouts(self, timing: dict[str, float]) -> tuple[list[Sample] | None, StepTensors | None, int, int]:
+        """Rank 0 generates; every rank learns the step's ``(N, S)``. Returns the samples
+        and their ``[N, S]`` tensors on rank 0 (None elsewhere), N and S."""
         from megatron_alp.rewards import get_reward
 
         run = self.cfg.run
         rows = self.sampler.next(run.prompts_per_step)
-        samples = None
+        samples = st = None
+        shape = None
         if self.rank == 0:
             t0 = time.perf_counter()
             seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
@@ -282,29 +295,59 @@ class Trainer:
             )
             add_advantages(samples, run.advantage_estimator)
             timing["gen"] = time.perf_counter() - t0
-        return _broadcast(samples)
+            st = step_tensors(samples, multiple=self.multiple)
+            shape = tuple(st.tokens.shape)
+        N, S = _broadcast(shape)
+        return samples, st, N, S
+
+    def _local_step_tensors(self, st: StepTensors | None, N: int, S: int) -> StepTensors:
+        """``[N, S]`` step tensors holding this DP rank's rows (the others stay 0): rank 0
+        sends each replica its own rows as tensors (``scatter_step_tensors``), not a
+        pickled copy of every sample to every rank."""
+        cfg = self.cfg
+        rows_by_dp = [
+            local_sample_ids(plan_minibatches(
+                N, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+                dp_size=cfg.data_parallel_size, dp_rank=d, seed=cfg.seed, step=self.step,
+            ))
+            for d in range(cfg.data_parallel_size)
+        ]
+        mine = scatter_step_tensors(st, (N, S), rows_by_dp, device=platform.device())
+        if st is not None:
+            return st  # rank 0 has every row already
+        idx = torch.tensor(rows_by_dp[self.ps.get_data_parallel_rank()], dtype=torch.long)
+        full = StepTensors(
+            tokens=torch.zeros((N, S), dtype=torch.long), labels=torch.zeros((N, S), dtype=torch.long),
+            loss_mask=torch.zeros((N, S)), rollout_logp=torch.zeros((N, S)),
+            advantages=torch.zeros(N), position_ids=torch.zeros((N, S), dtype=torch.long),
+        )
+        for f in dataclasses.fields(StepTensors):
+            getattr(full, f.name)[idx] = getattr(mine, f.name)
+        return full
 
     def _micro(self, st, ids: tuple[int, ...], extra: dict[str, torch.Tensor], offset: int) -> dict:
-        dev = platform.device()
+        """One micro-batch on the host: the schedule moves it to the device (asynchronous
+        copies, ``schedule.batch_to_device``); ``sample_offset`` is a Python int, which
+        ALP's ``perturbed()`` takes without reading a device tensor (no host sync)."""
         idx = torch.tensor(ids, dtype=torch.long)
-        b = {
+        b: dict[str, Any] = {
             "tokens": st.tokens[idx], "labels": st.labels[idx], "loss_mask": st.loss_mask[idx],
             "position_ids": st.position_ids[idx], "rollout_logp": st.rollout_logp[idx],
-            "advantages": st.advantages[idx], "sample_offset": torch.tensor(offset),
+            "advantages": st.advantages[idx], "sample_offset": int(offset),
         }
         for k, v in extra.items():
             b[k] = v[idx]
-        return {k: v.to(dev) for k, v in b.items()}
+        return b
 
     def train_step(self) -> dict[str, float]:
         cfg, run, loss_cfg = self.cfg, self.cfg.run, self.cfg.loss
         timing: dict[str, float] = {}
         t_step = time.perf_counter()
-        samples = self.rollouts(timing)
+        samples, st, N, S = self.rollouts(timing)
         self._engine_sleep(timing)
-        st = step_tensors(samples, multiple=self.multiple)
+        st = self._local_step_tensors(st, N, S)
         plan = plan_minibatches(
-            len(samples), global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
+            N, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
             dp_size=cfg.data_parallel_size, dp_rank=self.ps.get_data_parallel_rank(), seed=cfg.seed,
             step=self.step,
         )
@@ -315,7 +358,6 @@ class Trainer:
         t0 = time.perf_counter()
         chunks = [tuple(local[k : k + mbs]) for k in range(0, len(local), mbs)]
         passes = self.policy.logprob_pass([self._micro(st, c, {}, 0) for c in chunks], with_entropy=True)
-        N, S = st.tokens.shape
         old = torch.zeros((N, S))
         ent = torch.zeros((N, S))
         mismatch = MismatchMetrics(None)
@@ -345,9 +387,14 @@ class Trainer:
         t0 = time.perf_counter()
         # the ratio as the loss sees it (the KL / entropy terms do not change it)
         ratio_metrics = MismatchMetrics(dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0))
-        sums: dict[str, float] = collections.defaultdict(float)
+        # Summed on the device; read on the host once, after the last update (a read per
+        # mini-batch would wait for each optimizer step).
+        sums_t: dict[str, torch.Tensor] = {}
         grad_norms, lrs = [], []
         first_kl = None
+        # every optimizer step's ALP key drawn now, while the device is idle (the same
+        # sequence as drawing each before its step; a draw reads a device tensor)
+        alp_keys = iter([step_key(cfg.alp) for _ in range(run.iterations * len(plan))] if cfg.alp.enabled else [])
         for it in range(run.iterations):
             for mb in plan:
                 batches = [self._micro(st, ids, extra, off) for ids, off in zip(mb.micro, mb.offsets)]
@@ -360,7 +407,7 @@ class Trainer:
                         )
                         for b in batches
                     ]
-                    counts = global_loss_counts(masks, dp_group=self.dp_group)
+                    counts = global_loss_counts(masks, dp_group=self.dp_group_host)
                 mb_sums: dict[str, torch.Tensor] = {}
 
                 def loss_fn(lp, entropy, b, _counts=counts, _sums=mb_sums):
@@ -385,7 +432,7 @@ class Trainer:
 
                 ctx = None
                 if cfg.alp.enabled:
-                    key = step_key(cfg.alp)
+                    key = next(alp_keys)
                     ctx = lambda b, _k=key, _s=self.opt_step: perturbed(  # noqa: E731
                         key=_k, step=_s, sample_offset=b["sample_offset"]
                     )
@@ -398,11 +445,14 @@ class Trainer:
                     vec = torch.stack([torch.as_tensor(mb_sums[k], dtype=torch.float64) for k in keys]).to(platform.device()) if keys else None
                     if vec is not None:
                         dist.all_reduce(vec, group=self.dp_group)
-                        for k, v in zip(keys, vec.tolist()):
-                            sums[k] += v
+                        for k, v in zip(keys, vec):
+                            sums_t[k] = sums_t[k] + v if k in sums_t else v
                         if first_kl is None:
-                            first_kl = vec[keys.index("actor/ppo_kl")].item()
+                            first_kl = vec[keys.index("actor/ppo_kl")]
+        sums = dict(zip(sums_t, torch.stack(list(sums_t.values())).tolist())) if sums_t else {}
+        first_kl = float(first_kl) if first_kl is not None else None
         n_updates = run.iterations * len(plan)
+        self.policy.sync_params()  # the last step's weights, before anything reads them
         timing["update_actor"] = time.perf_counter() - t0
         if self.is_last:
             rm = ratio_metrics.compute(dp_group=self.dp_group, device=platform.device())
@@ -479,6 +529,7 @@ class Trainer:
                 out[f"val/{name}/pass@{k}"] = sum(pass_at_k(n, correct[r], k) for r in rows) / len(rows)
                 k *= 2
             out["timing_s/eval"] = time.perf_counter() - t0
+        parallel.wait_for_rank(0)  # rank 0 evaluated alone; the next collective waits for it here
         return out
 
     # ------------------------------------------------------------------ state
@@ -550,6 +601,7 @@ def run(cfg: Any) -> dict[str, Any]:
         if rank == 0:
             Path(cfg.run.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.run.run_dir) / "config.json").write_text(config_json(cfg) + "\n")
+        parallel.wait_for_rank(0)  # engine start-up (up to 15 min) ran on rank 0 alone
         # The engine starts from the policy's weights (before the first rollout too); on
         # resume under lag it gets the checkpoint's lagged copy.
         if engine_weights_restored:

@@ -25,8 +25,8 @@ from megatron_alp import parallel
 from megatron_alp.models import build_model, gpt_args_from_hf, transformer_config
 from megatron_alp.models.sharding import iter_named_local_params, shard_full_tensor
 from megatron_alp.perturbation import alp_config_overrides, with_alp
-from megatron_alp.rl.logprobs import vocab_parallel_logprobs
-from megatron_alp.schedule import Batch, forward_backward, wrap_ddp
+from megatron_alp.rl.logprobs import check_token_ids, vocab_parallel_logprobs
+from megatron_alp.schedule import Batch, forward_backward, sync_params, wrap_ddp
 
 __all__ = ["Policy", "load_hf_weights", "make_optimizer", "optimizer_step"]
 
@@ -143,6 +143,7 @@ class Policy:
             bf16=cfg.bf16,
             params_dtype=dtype,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
+            overlap_param_gather=self.model[0].ddp_config.overlap_param_gather,
         )
         self.optimizer = make_optimizer(self.model, self.opt_config, cfg.alp)
         sch = cfg.scheduler
@@ -161,6 +162,13 @@ class Policy:
             wd_incr_style=sch["weight_decay_incr_style"],
         )
 
+    def sync_params(self) -> None:
+        """Every rank's weights complete after the last optimizer step (collective): with
+        ``overlap_param_gather`` (on with the distributed optimizer on CUDA) the step's
+        all-gather is otherwise left to the next forward. Call before reading weights
+        outside a forward: the weight export, a checkpoint, ALP's sigma metrics."""
+        sync_params(self.model)
+
     def _maybe_fp16(self, chunk: torch.nn.Module) -> torch.nn.Module:
         if not self.cfg.bf16:
             return chunk
@@ -178,10 +186,17 @@ class Policy:
         from megatron.core import parallel_state as ps
 
         tp = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        # The labels were checked before the schedule (_check_labels): a check here would
+        # be a host sync per micro-batch.
         return vocab_parallel_logprobs(
             logits, batch["labels"], tp_group=tp, temperature=self.cfg.run.temperature,
-            vocab_size=self.vocab_size, with_entropy=with_entropy,
+            vocab_size=self.vocab_size, with_entropy=with_entropy, check_target=False,
         )
+
+    def _check_labels(self, micro_batches: Sequence[Batch]) -> None:
+        """Labels within the vocabulary, all micro-batches at once, before the schedule
+        (free for the trainer's micro-batches, which are built on the host)."""
+        check_token_ids([b["labels"] for b in micro_batches], self.vocab_size)
 
     @torch.no_grad()
     def logprob_pass(
@@ -190,9 +205,10 @@ class Policy:
         """Unperturbed forward-only log-probs ``[b, s]`` (+ entropy) per micro-batch (last stage)."""
         chunks = self.reference if reference else self.model
         assert chunks is not None, "no reference model was built"
+        self._check_labels(micro_batches)
 
         def loss_fn(logits: torch.Tensor, batch: Batch):
-            out = self._logprobs(logits.float(), batch, with_entropy=with_entropy)
+            out = self._logprobs(logits, batch, with_entropy=with_entropy)
             lp, ent = out if with_entropy else (out, None)
             stats = {"logp": lp.detach()}
             if ent is not None:
@@ -226,6 +242,7 @@ class Policy:
         """
         from megatron.core import parallel_state as ps
 
+        self._check_labels(micro_batches)
         n_micro = len(micro_batches)
         scale = float(n_micro * ps.get_data_parallel_world_size())
         need_entropy = self.cfg.loss.needs_entropy

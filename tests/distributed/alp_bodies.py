@@ -23,7 +23,7 @@ from megatron_alp.perturbation import (
 )
 from megatron_alp.perturbation.function import NoiseSite, add_noise, site_noise
 from megatron_alp.perturbation.kernels import get_kernel
-from megatron_alp.schedule import forward_backward, wrap_ddp
+from megatron_alp.schedule import forward_backward, sync_params, wrap_ddp
 from tests.layouts import (
     LAYOUTS,
     canonical_state,
@@ -393,6 +393,7 @@ def optimizer() -> dict:
             else:
                 r["alp_group_lrs"] = [g["lr"] for g in opt.param_groups if g.get("max_lr") == 0.5]
             _, grad_norm, _ = opt.step()
+            sync_params(model)  # overlap_param_gather (on with CUDA): finish the all-gather
             r["grad_norm"] = float(grad_norm)
             after = {n: float(p) for n, p in sigmas.items()}
             r["sigma_after"] = after

@@ -206,3 +206,58 @@ def test_forward_backward_takes_host_batches_and_step_key_draws_on_the_current_d
     grad = model.decoder.layers[0].perturbation.alp_log_sigma.main_grad
     assert grad.device.type == "cuda" and float(grad) != 0.0
     assert torch.cuda.current_device() == 0
+
+
+def test_update_makes_no_host_sync_in_our_code():
+    """Issue 18.6 on the device: the trainer's micro-batch work (host micro-batches with an
+    int sample_offset, bf16 logits straight from Float16Module, log-probs without the target
+    check, the policy loss, the mismatch metrics) under CUDA's own sync detector: no
+    synchronising call from a megatron_alp file inside forward_backward. (Megatron's own,
+    if any, are printed, not asserted.) The CPU twin: tests/e2e/test_update_host_syncs.py."""
+    import warnings
+
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_alp.rl import MismatchMetrics, compute_policy_loss, policy_loss_config
+    from megatron_alp.rl.logprobs import vocab_parallel_logprobs
+    from megatron_alp.schedule import forward_backward, wrap_ddp
+
+    model, tc, args = _build(ALP, dtype=torch.float32)
+    tc16 = transformer_config(args, parallel.ParallelConfig(), params_dtype=torch.bfloat16)
+    ddp = wrap_ddp([Float16Module(tc16, model)], tc16, overlap_grad_reduce=False)
+    loss_cfg = policy_loss_config("token-alp")
+    metrics = MismatchMetrics(loss_cfg)
+    batches = tiny_batches(4, batch=2, seq=16, seed=2)  # on the host, like the trainer's
+    for i, b in enumerate(batches):
+        b["sample_offset"] = 2 * i
+        b["rollout_logp"] = -torch.rand(2, 16)
+        b["old_logp"] = b["rollout_logp"] + 0.01
+        b["advantages"] = torch.randn(2)[:, None].expand(2, 16).contiguous()
+    key = step_key(ALP)
+    dtypes = []
+
+    def loss_fn(logits, b):
+        dtypes.append(logits.dtype)
+        lp = vocab_parallel_logprobs(logits, b["labels"], vocab_size=args.vocab_size, check_target=False)
+        loss, _ = compute_policy_loss(loss_cfg, lp, b["old_logp"], b["rollout_logp"], b["advantages"],
+                                      b["loss_mask"], global_token_count=96, global_seq_count=8)
+        metrics.update(logp=lp.detach(), rollout_logp=b["rollout_logp"], mask=b["loss_mask"],
+                       old_logp=b["old_logp"], advantages=b["advantages"])
+        return loss, {}
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            forward_backward(ddp, batches, loss_fn, seq_length=16,
+                             forward_context=lambda b: perturbed(key=key, step=0, sample_offset=b["sample_offset"]))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [(w.filename, w.lineno) for w in seen if "synchroniz" in str(w.message)]
+    ours = [s for s in syncs if "megatron_alp" in s[0]]
+    print("synchronising calls (file, line):", syncs)
+    assert ours == [], ours
+    assert dtypes == [torch.bfloat16] * 4
+    out = metrics.compute()
+    assert out["rollout_corr/n_tokens"] == 4 * 2 * 12

@@ -12,7 +12,7 @@ from megatron_alp.models import build_model, gpt_args_from_hf, transformer_confi
 from megatron_alp.models.sharding import iter_named_local_params, load_full_state
 from megatron_alp.models.tiny import tiny_hf_config
 from megatron_alp.perturbation import alp_config_overrides, is_alp_param, step_key, with_alp
-from megatron_alp.schedule import forward_backward, wrap_ddp
+from megatron_alp.schedule import forward_backward, sync_params, wrap_ddp
 from tests.layouts import LAYOUTS, cross_entropy_loss
 from tests.distributed.alp_bodies import ALP, SEQ, NoiseContext, full_state, make_batches, sweep
 
@@ -62,6 +62,7 @@ def dist_optimizer() -> dict:
                              forward_context=functools.partial(NoiseContext(), 0))
             before = {n: float(p) for n, p in iter_named_local_params(model) if is_alp_param(n)}
             opt.step()
+            sync_params(model)  # overlap_param_gather (on with CUDA): finish the all-gather
             after = {n: (float(p), p.dtype) for n, p in iter_named_local_params(model) if is_alp_param(n)}
             out[dist_opt] = {"before": before, "after": after}
     return out

@@ -82,6 +82,8 @@ USED: dict[str, dict[str, str]] = {
         "--wandb-exp-name": "wandb run name",
         "--wandb-save-dir": "wandb folder",
         "--tensorboard-dir": "log metrics to TensorBoard",
+        "--distributed-timeout-minutes": "timeout of every collective, NCCL's watchdog included "
+                                         "(default here 30, not Megatron's 10)",
     },
     "Megatron flags: RL group, with their meaning here": {
         "--grpo-prompts-per-step": "prompts per RL step",
@@ -101,7 +103,21 @@ USED: dict[str, dict[str, str]] = {
 """Every Megatron flag the trainer reads, by help section, with its meaning here."""
 
 
-def parallel_layout(args: argparse.Namespace, hf: Any, world_size: int | None) -> tuple[ParallelConfig, int, int]:
+def timeout_minutes(args: argparse.Namespace, argv: Sequence[str]) -> float:
+    """Megatron's ``--distributed-timeout-minutes``; when not given, a generous default
+    (``parallel.DEFAULT_TIMEOUT_MINUTES``) rather than Megatron's 10."""
+    from megatron_alp.parallel import DEFAULT_TIMEOUT_MINUTES
+
+    if not given(argv, "--distributed-timeout-minutes"):
+        return DEFAULT_TIMEOUT_MINUTES
+    minutes = args.distributed_timeout_minutes
+    if minutes is None or not minutes > 0:
+        raise ValueError(f"--distributed-timeout-minutes={minutes} is invalid; expected minutes > 0")
+    return float(minutes)
+
+
+def parallel_layout(args: argparse.Namespace, hf: Any, world_size: int | None,
+                    argv: Sequence[str] = ()) -> tuple[ParallelConfig, int, int]:
     """(ParallelConfig, world size, DP size); the model's shapes must fit the layout."""
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                  "--context-parallel-size", "--num-layers-per-virtual-pipeline-stage"):
@@ -119,6 +135,7 @@ def parallel_layout(args: argparse.Namespace, hf: Any, world_size: int | None) -
             )
         vpp = args.num_layers // (per * pp)
     parallel = ParallelConfig(
+        timeout_minutes=timeout_minutes(args, argv),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
