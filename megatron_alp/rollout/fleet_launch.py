@@ -156,6 +156,8 @@ class LocalFleet:
         cmd = engine_command(self.backend, self.model, self.ports[k], host=self.host,
                              dtype=self.dtype, gpus_per_engine=self.gpus_per_engine, seed=k,
                              extra=self.extra)
+        if self.log_dir:  # the recipes name a folder of their own (created here, not by them)
+            os.makedirs(self.log_dir, exist_ok=True)
         out = open(os.path.join(self.log_dir, f"engine{k}.log"), "ab") if self.log_dir else subprocess.DEVNULL
         self.procs[k] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
