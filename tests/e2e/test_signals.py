@@ -1,0 +1,151 @@
+"""Signals and dying ranks, with the real trainer on CPU (issue 18, items 7-9).
+
+* SIGTERM under torchrun during a slow rollout: the trainer saves the last completed
+  step within torchrun's grace period (torch's default 30 s) and exits 0 — before, the
+  signal was looked at only at the end of the step and torchrun's SIGKILL came first.
+* kill -9 of rank 0 under the trainer's launcher: the launcher names rank 0, its exit
+  (killed by SIGKILL) and the tail of its log — before, it said nothing.
+* SIGINT: exit 130 and one line naming the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.train_bodies import base_argv, build_assets
+
+REPO = Path(__file__).resolve().parents[2]
+TORCHRUN_GRACE_S = 30  # torchrun's --shutdown-timeout default (torch 2.14.1, launcher/api.py)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("tiny_assets"))
+
+
+def _wait_for(pred, proc, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def test_sigterm_during_a_slow_rollout_saves_within_torchruns_grace(assets, tmp_path):
+    save, marker = tmp_path / "ckpt", tmp_path / "slow-rollout-started"
+    argv = base_argv(assets, tmp_path / "run", "--rl-loss", "grpo", "--tensor-model-parallel-size", "2",
+                     "--train-iters", "5", "--save", str(save), "--exit-signal-handler",
+                     "--rl-rollout-engine", "slow-local")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "tests/e2e/slow_rollout_train.py"), *argv],
+        env=_env(MEGATRON_ALP_TEST_MARKER=str(marker), MEGATRON_ALP_TEST_SLOW_S="600"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        _wait_for(marker.exists, p, 600, "the second step's (slow) rollouts")
+        assert not (save / "latest_checkpointed_iteration.txt").exists()  # only --save-interval 5
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)  # to torchrun's agent, as srun / scancel deliver it
+        out, _ = p.communicate(timeout=TORCHRUN_GRACE_S + 60)  # torchrun SIGKILLs at 30 s
+        elapsed = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1", out[-4000:]
+    assert (save / "iter_0000001" / ".metadata").is_file()
+    assert "SIGTERM during rollouts of step 2: that step is dropped" in out, out[-4000:]
+    assert "stopped after step 1 (signal)" in out
+    said = float(out.split("SIGTERM to saved checkpoint: ")[1].split(" s")[0])
+    # the budget: a complete checkpoint before torchrun's SIGKILL (what follows, the
+    # interpreter's own exit, may be cut short by it without harm)
+    assert said < TORCHRUN_GRACE_S and said < elapsed, (said, elapsed)
+    print(f"SIGTERM -> checkpoint saved {said:.1f} s (trainer's count); torchrun exited after "
+          f"{elapsed:.1f} s with {p.returncode}")
+    # the dropped step's prompts come again: the sampler is where step 1 left it
+    from megatron_alp.data import PromptSampler
+
+    state = pickle.loads((save / "iter_0000001" / "trainer_state.pt").read_bytes())
+    oracle = PromptSampler(len((assets / "train.jsonl").read_text().splitlines()), 7)
+    oracle.next(8)  # step 1: --grpo-prompts-per-step 8, --seed 7
+    assert state["sampler"] == oracle.state_dict()
+    assert state["step"] == 1
+
+
+def _launcher(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "megatron_alp.train", *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the launcher's child process running ``rank`` (from its environment)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no child of {launcher} runs rank {rank}: {children}")
+
+
+def test_kill9_of_rank0_names_rank0_its_signal_and_log(assets, tmp_path):
+    import threading
+
+    run_dir = tmp_path / "run"
+    p = _launcher(base_argv(assets, run_dir, "--rl-loss", "grpo", "--tensor-model-parallel-size", "2",
+                            "--train-iters", "50", "--nproc", "2"))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+    try:
+        _wait_for(lambda: any("[train] step 1/50" in ln for ln in lines), p, 300, "rank 0's first step")
+        os.kill(_rank_pid(p.pid, 0), signal.SIGKILL)
+        p.wait(120)
+        reader.join(30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert p.returncode == 1
+    line = next((ln for ln in out.splitlines() if ln.startswith("[train] rank 0 ")), None)
+    assert line is not None, out[-4000:]
+    log0 = run_dir / "logs" / "rank_0.log"
+    assert "killed by SIGKILL" in line and str(log0) in line
+    tail = out[out.index(line):]
+    assert "  | [train] step 1/50" in tail  # rank 0's own last lines, from its log
+
+
+@pytest.mark.slow
+def test_sigint_exits_130_naming_the_last_checkpoint(assets, tmp_path):
+    save = tmp_path / "ckpt"
+    p = _launcher(base_argv(assets, tmp_path / "run", "--rl-loss", "grpo", "--tensor-model-parallel-size",
+                            "2", "--train-iters", "50", "--save", str(save), "--save-interval", "1",
+                            "--nproc", "2"))
+    try:
+        _wait_for(lambda: (save / "iter_0000002").exists(), p, 600, "the second checkpoint")
+        p.send_signal(signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, out[-4000:]
+    last = int((save / "latest_checkpointed_iteration.txt").read_text())
+    lines = [ln for ln in out.splitlines() if ln.startswith("[train] interrupted")]
+    assert lines == [f"[train] interrupted; last checkpoint iter_{last:07d} in {save} "
+                     "(Ctrl-C saves nothing; SIGTERM with --exit-signal-handler saves)"], out[-4000:]
+    assert "Traceback" not in out
+    assert json.loads((save / f"iter_{last:07d}" / "config.json").read_text())  # a complete checkpoint
