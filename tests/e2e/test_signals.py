@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.train_bodies import base_argv, build_assets
+from megatron_alp.launch import run_on_ranks
+from tests.e2e.train_bodies import base_argv, build_assets, signal_after_first_update_body
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN_GRACE_S = 30  # torchrun's --shutdown-timeout default (torch 2.14.1, launcher/api.py)
@@ -84,6 +85,22 @@ def test_sigterm_during_a_slow_rollout_saves_within_torchruns_grace(assets, tmp_
     oracle.next(8)  # step 1: --grpo-prompts-per-step 8, --seed 7
     assert state["sampler"] == oracle.state_dict()
     assert state["step"] == 1
+
+
+def test_signal_between_mini_batches_ends_the_step_after_one(assets, tmp_path):
+    """4 mini-batches planned in step 1 (2 iterations x 2); SIGTERM on rank 0 during the
+    first: every rank stops after it, step 1 is saved with one optimizer step."""
+    save = tmp_path / "ckpt"
+    argv = base_argv(assets, tmp_path / "run", "--rl-loss", "grpo", "--grpo-iterations", "2",
+                     "--train-iters", "3", "--save", str(save), "--exit-signal-handler")
+    results = run_on_ranks(2, signal_after_first_update_body, argv, 2, force_cpu=True, timeout_s=600)
+    (out, updates0), (_, updates1) = results
+    assert (updates0, updates1) == (1, 1)
+    assert out["exit_reason"] == "signal" and out["step"] == 1
+    assert [h["step"] for h in out["history"]] == [1]
+    state = pickle.loads((save / "iter_0000001" / "trainer_state.pt").read_bytes())
+    assert (state["step"], state["opt_step"]) == (1, 1)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
 def _launcher(args: list[str]) -> subprocess.Popen:

@@ -136,3 +136,35 @@ def sleepy_train_body(argv: list[str], world_size: int) -> Any:
     """``train_body`` with ``sleepy-local`` registered in this rank."""
     register_sleepy_engine()
     return train_body(argv, world_size)
+
+
+# ------------------------------------------------------------------------ a signal mid-update
+def signal_after_first_update_body(argv: list[str], world_size: int) -> Any:
+    """``train_body`` where rank 0 sends itself SIGTERM right after its first optimizer step
+    (the update of step 1 has more mini-batches to go). The handlers the run installed are
+    reset afterwards: this rank process serves other tests."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from megatron_alp.train.policy import Policy
+
+    original = Policy.update
+    calls = []
+
+    def update(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1 and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    Policy.update = update
+    try:
+        out = train_body(argv, world_size)
+    finally:
+        Policy.update = original
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+    return (out, len(calls))
