@@ -22,10 +22,14 @@ from pathlib import Path
 import pytest
 
 from megatron_alp.launch import run_on_ranks
-from tests.e2e.train_bodies import base_argv, build_assets, signal_after_first_update_body
+from tests.e2e.train_bodies import (
+    base_argv,
+    build_assets,
+    signal_after_first_update_body,
+    sigterm_during_slow_rollout,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-TORCHRUN_GRACE_S = 30  # torchrun's --shutdown-timeout default (torch 2.14.1, launcher/api.py)
 
 
 @pytest.fixture(scope="module")
@@ -47,44 +51,10 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def test_sigterm_during_a_slow_rollout_saves_within_torchruns_grace(assets, tmp_path):
-    save, marker = tmp_path / "ckpt", tmp_path / "slow-rollout-started"
-    argv = base_argv(assets, tmp_path / "run", "--rl-loss", "grpo", "--tensor-model-parallel-size", "2",
-                     "--train-iters", "5", "--save", str(save), "--exit-signal-handler",
-                     "--rl-rollout-engine", "slow-local")
-    p = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests/e2e/slow_rollout_train.py"), *argv],
-        env=_env(MEGATRON_ALP_TEST_MARKER=str(marker), MEGATRON_ALP_TEST_SLOW_S="600"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        _wait_for(marker.exists, p, 600, "the second step's (slow) rollouts")
-        assert not (save / "latest_checkpointed_iteration.txt").exists()  # only --save-interval 5
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGTERM)  # to torchrun's agent, as srun / scancel deliver it
-        out, _ = p.communicate(timeout=TORCHRUN_GRACE_S + 60)  # torchrun SIGKILLs at 30 s
-        elapsed = time.monotonic() - t0
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1", out[-4000:]
-    assert (save / "iter_0000001" / ".metadata").is_file()
-    assert "SIGTERM during rollouts of step 2: that step is dropped" in out, out[-4000:]
-    assert "stopped after step 1 (signal)" in out
-    said = float(out.split("SIGTERM to saved checkpoint: ")[1].split(" s")[0])
-    # the budget: a complete checkpoint before torchrun's SIGKILL (what follows, the
-    # interpreter's own exit, may be cut short by it without harm)
-    assert said < TORCHRUN_GRACE_S and said < elapsed, (said, elapsed)
+    said, elapsed, code = sigterm_during_slow_rollout(
+        assets, tmp_path, nproc=2, flags=("--tensor-model-parallel-size", "2"))
     print(f"SIGTERM -> checkpoint saved {said:.1f} s (trainer's count); torchrun exited after "
-          f"{elapsed:.1f} s with {p.returncode}")
-    # the dropped step's prompts come again: the sampler is where step 1 left it
-    from megatron_alp.data import PromptSampler
-
-    state = pickle.loads((save / "iter_0000001" / "trainer_state.pt").read_bytes())
-    oracle = PromptSampler(len((assets / "train.jsonl").read_text().splitlines()), 7)
-    oracle.next(8)  # step 1: --grpo-prompts-per-step 8, --seed 7
-    assert state["sampler"] == oracle.state_dict()
-    assert state["step"] == 1
+          f"{elapsed:.1f} s with {code}")
 
 
 def test_signal_between_mini_batches_ends_the_step_after_one(assets, tmp_path):
