@@ -170,6 +170,7 @@ def _launch(argv: list[str], nproc: int, run_dir: Path, save: Path | None = None
         f = open(logs / f"rank_{r}.log", "wb")
         files.append(f)
         if r == 0:  # to the terminal and to its log (the tail is printed if it dies)
+            env["PYTHONUNBUFFERED"] = "1"  # a pipe now, not the terminal: keep lines prompt
             p = subprocess.Popen([sys.executable, "-m", "megatron_alp.train", *argv], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             pumps += [_copy_out(p.stdout, sys.stdout.buffer, f), _copy_out(p.stderr, sys.stderr.buffer, f)]

@@ -36,7 +36,7 @@ from megatron_alp.rl.metrics import MismatchMetrics
 from megatron_alp.rollout import SamplingParams, create_engine
 from megatron_alp.train import checkpoint as ckpt
 from megatron_alp.train.batches import local_sample_ids, plan_minibatches, step_tensors
-from megatron_alp.train.logging import RunLogger, progress_line, summary_table
+from megatron_alp.train.logging import RunLogger, progress_line, say_layer_spec, summary_table
 from megatron_alp.train.policy import Policy
 from megatron_alp.train.signals import ExitSignal, StepInterrupted
 from megatron_alp.train.sync_host import share_sync_host
@@ -541,18 +541,6 @@ class Trainer:
         return saved
 
 
-def _say_layer_spec(rank: int) -> None:
-    """Which layer spec this run builds and why; loudly (stderr) when CUDA is present but
-    Transformer Engine is not used."""
-    import sys
-
-    from megatron_alp.models.builder import layer_spec_report
-
-    line, loud = layer_spec_report()
-    if rank == 0:
-        print(f"[train] {'WARNING: ' if loud else ''}{line}", file=sys.stderr if loud else sys.stdout, flush=True)
-
-
 def run(cfg: Any) -> dict[str, Any]:
     """Run the RL loop for ``cfg`` (torch.distributed must be up); collective over all ranks."""
     from megatron_alp.train.arguments import config_json
@@ -563,7 +551,7 @@ def run(cfg: Any) -> dict[str, Any]:
         rank = dist.get_rank()
         say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
         say(f"[train] building the policy ({cfg.loss_preset}, ALP {'on' if cfg.alp.enabled else 'off'}) ...")
-        _say_layer_spec(rank)
+        say_layer_spec(rank)
         tr = Trainer(cfg, stop)
         resumed = None
         engine_weights_restored = False
@@ -623,13 +611,14 @@ def run(cfg: Any) -> dict[str, Any]:
             if cfg.exit_duration_in_mins and _agree((time.time() - t_start) / 60 > cfg.exit_duration_in_mins):
                 exit_reason = "exit-duration"
                 break
+        signame = stop.name or "a saving signal (to another rank)"
         if tr.interrupted_in is not None:
-            logger.say(f"[train] {stop.name} during {tr.interrupted_in}")
+            logger.say(f"[train] {signame} during {tr.interrupted_in}")
         if cfg.save is not None and last_saved != tr.step:
             ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state(), tr.engine_weights())
             logger.say(f"[train] saved {ckpt.iter_dir(cfg.save, tr.step)}")
         if exit_reason == "signal" and cfg.save is not None:
-            logger.say(f"[train] {stop.name} to saved checkpoint: {stop.since():.1f} s (under torchrun "
+            logger.say(f"[train] {signame} to saved checkpoint: {stop.since():.1f} s (under torchrun "
                        "this must fit its --shutdown-timeout, default 30 s; docs/train.md, Signals)")
         if exit_reason != "done":
             logger.say(f"[train] stopped after step {tr.step} ({exit_reason}); resume with --load {cfg.save}")
