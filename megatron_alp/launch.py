@@ -285,8 +285,14 @@ class RankGroup:
             if cid != call_id:
                 continue  # a late answer from an earlier, abandoned call
             if not ok:
+                # a rank that died (kill -9, OOM killer) makes its peers fail in their
+                # collectives: name the dead one first, it is the cause
+                time.sleep(1.0)
+                dead = [(i, p.exitcode) for i, p in enumerate(self._procs)
+                        if i != rank and not p.is_alive()]
                 self.kill()
-                raise RankFailure(f"{what} failed on rank {rank}:\n{payload}")
+                cause = "".join(f"rank {i} died ({describe_exit(c)}); " for i, c in dead)
+                raise RankFailure(f"{cause}{what} failed on rank {rank}:\n{payload}")
             results[rank] = payload
         return [results[r] for r in range(self.world_size)]
 
