@@ -28,19 +28,41 @@ import atexit
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import threading
 import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["RankFailure", "RankGroup", "free_port", "run_on_ranks", "visible_gpus"]
+__all__ = ["RankFailure", "RankGroup", "describe_exit", "free_port", "run_on_ranks", "visible_gpus"]
 
 _POLL_S = 0.2
 
 
 class RankFailure(RuntimeError):
     """A body raised on one or more ranks; the message holds the first failing traceback."""
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit as a person reads it: ``killed by SIGKILL`` for a negative
+    return code (a signal), ``exit code N`` otherwise (``128 + N`` from a shell is
+    named too)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    if code == 130:
+        return "exit code 130 (interrupted: SIGINT)"
+    if code > 128:
+        try:
+            return f"exit code {code} (128 + {signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
 
 
 def free_port() -> int:
@@ -248,8 +270,9 @@ class RankGroup:
                 if dead:
                     self.kill()
                     raise RankFailure(
-                        f"{what}: rank(s) {[d[0] for d in dead]} died with exit code(s) "
-                        f"{[d[1] for d in dead]} before answering"
+                        f"{what}: " + "; ".join(
+                            f"rank {r} died ({describe_exit(c)})" for r, c in dead
+                        ) + " before answering (its output is above)"
                     )
                 if time.monotonic() > deadline:
                     silent = [r for r in range(self.world_size) if r not in results]
@@ -262,8 +285,14 @@ class RankGroup:
             if cid != call_id:
                 continue  # a late answer from an earlier, abandoned call
             if not ok:
+                # a rank that died (kill -9, OOM killer) makes its peers fail in their
+                # collectives: name the dead one first, it is the cause
+                time.sleep(1.0)
+                dead = [(i, p.exitcode) for i, p in enumerate(self._procs)
+                        if i != rank and not p.is_alive()]
                 self.kill()
-                raise RankFailure(f"{what} failed on rank {rank}:\n{payload}")
+                cause = "".join(f"rank {i} died ({describe_exit(c)}); " for i, c in dead)
+                raise RankFailure(f"{cause}{what} failed on rank {rank}:\n{payload}")
             results[rank] = payload
         return [results[r] for r in range(self.world_size)]
 

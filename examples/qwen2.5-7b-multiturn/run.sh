@@ -7,20 +7,23 @@ MODEL=${MODEL:?set MODEL to the HF folder of Qwen2.5-7B}
 TRAIN=${TRAIN:?set TRAIN to the training prompts (JSONL or Parquet with prompt, answer)}
 EVAL=${EVAL:-}
 SAVE=${SAVE:-runs/qwen2.5-7b-multiturn}
+# Service logs beside the checkpoints, not inside: --load refuses a folder that holds
+# other files but no checkpoint (the first run of a job chain).
+LOGS=${LOGS:-$SAVE.logs}
 FLEET_PORT=${FLEET_PORT:-8100}
 SANDBOX_PORT=${SANDBOX_PORT:-8090}
 SANDBOX_CONCURRENCY=${SANDBOX_CONCURRENCY:-32}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-mkdir -p "$SAVE"
+mkdir -p "$LOGS"
 
 # Sandbox service (bubblewrap; exits 1 saying what to install if isolation does not work).
 python -m megatron_alp.sandbox.serve --host 127.0.0.1 --port "$SANDBOX_PORT" \
     --concurrency "$SANDBOX_CONCURRENCY" --queue 4096 --timeout-s 10 --memory-mb 2048 \
-    > "$SAVE/sandbox.log" 2>&1 &
+    > "$LOGS/sandbox.log" 2>&1 &
 sandbox=$!
 # Rollout fleet: four vLLM engines on GPUs 4-7.
 python -m megatron_alp.rollout.fleet_launch --backend vllm --model "$MODEL" \
-    --engines 4 --gpus 4,5,6,7 --base-port "$FLEET_PORT" --log-dir "$SAVE/fleet-logs" &
+    --engines 4 --gpus 4,5,6,7 --base-port "$FLEET_PORT" --log-dir "$LOGS/fleet" &
 fleet=$!
 trap 'kill $fleet $sandbox 2>/dev/null || true' EXIT
 endpoints=$(python -c "print(','.join(f'http://127.0.0.1:{$FLEET_PORT + k}' for k in range(4)))")

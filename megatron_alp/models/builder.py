@@ -38,12 +38,19 @@ __all__ = [
     "build_model",
     "default_fusions",
     "layer_spec",
+    "layer_spec_report",
     "te_available",
     "transformer_config",
     "validate_layout",
 ]
 
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+
+# How to install TE so that its PyTorch extension is built against the torch in use
+# (TE's installation guide: the PyTorch extension ships as a source distribution; with
+# build isolation pip would build it against a different, freshly downloaded torch).
+TE_INSTALL = "pip install --no-build-isolation 'transformer_engine[pytorch]'"
+_te_problem: str | None = None  # why the last _te_works() said no (None: it did not)
 
 
 def te_available() -> bool:
@@ -59,16 +66,20 @@ def te_available() -> bool:
 
 @functools.cache
 def _te_works() -> bool:
+    global _te_problem
+    _te_problem = None
     try:
         importlib.import_module("transformer_engine")
     except ImportError:
-        return False  # not installed: the local spec, nothing to report
+        _te_problem = "Transformer Engine is not installed"
+        return False  # the local spec; layer_spec_report() says so at start-up
     try:
         importlib.import_module("transformer_engine.pytorch")
         ext = importlib.import_module("megatron.core.extensions.transformer_engine")
         if not getattr(ext, "HAVE_TE", False):
             raise ImportError("megatron.core.extensions.transformer_engine reports HAVE_TE=False")
     except Exception as exc:  # noqa: BLE001 - a broken extension raises OSError, RuntimeError...
+        _te_problem = f"Transformer Engine is installed but does not work ({type(exc).__name__}: {exc})"
         warnings.warn(
             f"Transformer Engine is installed but does not work ({type(exc).__name__}: {exc}); "
             "using megatron-core's local layer spec",
@@ -76,6 +87,25 @@ def _te_works() -> bool:
         )
         return False
     return True
+
+
+def layer_spec_report() -> tuple[str, bool]:
+    """The layer spec this process builds and why, for the start-up log: ``(line, loud)``.
+
+    ``loud`` is True where CUDA is present but the local spec is used (Transformer
+    Engine missing or broken, e.g. an extension built for another torch: an ABI
+    mismatch) — slower, without TE's fused kernels, and easy to miss in a warning.
+    """
+    if not platform.cuda_available():
+        return "layer spec: megatron-core local (no CUDA; Transformer Engine needs a GPU)", False
+    if te_available():
+        te = importlib.import_module("transformer_engine")
+        return f"layer spec: Transformer Engine (transformer_engine {getattr(te, '__version__', '?')})", False
+    return (
+        f"layer spec: megatron-core LOCAL spec although CUDA is present: {_te_problem or 'TE unusable'}. "
+        f"Install TE against this torch: {TE_INSTALL} (docs/gpu.md, Transformer Engine)",
+        True,
+    )
 
 
 def _importable(name: str) -> bool:

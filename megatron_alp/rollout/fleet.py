@@ -55,7 +55,7 @@ from megatron_alp.rollout.fleet_backends import (
 )
 from megatron_alp.rollout.vllm_support import bucket_meta
 
-__all__ = ["FleetEngine", "FleetError", "check_sync_host", "trainer_gpus"]
+__all__ = ["FleetEngine", "FleetError", "check_sync_host", "own_address", "trainer_gpus"]
 
 BACKENDS = ("twin", "vllm")
 DEFAULT_CAPACITY = {"twin": 64, "vllm": 256}
@@ -148,6 +148,40 @@ def group_units(rows: list, n: int, rows_per_request: int) -> list[list]:
     return [rows[s : s + per] for s in range(0, len(rows), per)]
 
 
+def own_address(endpoints: Sequence[str]) -> str:
+    """This machine's address as the engines at ``endpoints`` reach it (``sync_host="auto"``).
+
+    127.0.0.1 when every engine runs on this machine (or none is given: a local fleet);
+    otherwise the address of the interface that routes to the first remote engine (a UDP
+    ``connect`` picks it and sends nothing), or this host's FQDN if there is no route.
+    Call it on the process that sends the weights (the trainer's rank 0): under torchrun
+    that need not be the first node of the allocation (its c10d rendezvous ranks nodes by
+    sorted FQDN).
+    """
+    from urllib.parse import urlsplit
+
+    local = _addresses(socket.gethostname()) | {"127.0.0.1", "::1"}
+    for url in endpoints:
+        parts = urlsplit(url)
+        addrs = sorted(_addresses(parts.hostname or ""), key=lambda a: ":" in a)  # IPv4 first
+        if not addrs or all(_is_loopback(a) or a in local for a in addrs):
+            continue
+        family = socket.AF_INET6 if ":" in addrs[0] else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((addrs[0], parts.port or 80))
+                return s.getsockname()[0]
+        except OSError:
+            return socket.getfqdn()
+    return "127.0.0.1"
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    return ipaddress.ip_address(addr.split("%")[0]).is_loopback
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -162,7 +196,7 @@ class FleetEngine:
     (``fleet_backends.Endpoint``); None starts a local fleet of
     ``num_engines`` from ``model`` (an HF folder, config or model; saved to a temporary
     folder if not a folder) with ``dtype``. ``sync_host`` is this process's address as
-    the engines reach it; ``sync_port`` the first rendezvous port (epoch e uses
+    the engines reach it (``"auto"``: :func:`own_address`); ``sync_port`` the first rendezvous port (epoch e uses
     ``sync_port + e``; None picks free ports). A request is tried at most ``max_attempts``
     times (on other engines first). ``max_in_flight``: completions (sequences) kept in
     flight per engine; None asks each engine once per start — vLLM's ``max_num_seqs``
@@ -221,7 +255,10 @@ class FleetEngine:
             served_model_name = served_model_name or path
         if not endpoints:
             raise ValueError("fleet engine: endpoints is empty")
-        check_sync_host(sync_host, [u for u in endpoints if isinstance(u, str)])
+        urls = [u for u in endpoints if isinstance(u, str)]
+        if sync_host == "auto":
+            sync_host = own_address(urls)
+        check_sync_host(sync_host, urls)
         eps = [u if not isinstance(u, str) else
                TwinEndpoint(u) if backend == "twin" else VLLMEndpoint(u, served_model_name)
                for u in endpoints]  # objects: ready Endpoint implementations

@@ -4,12 +4,14 @@ Under torchrun (``RANK`` / ``WORLD_SIZE`` set) every process is one rank. Starte
 plain ``python``, the command validates its arguments, then starts ``--nproc`` ranks
 itself (default TP x PP x CP) as child processes of this one — gloo on a machine without
 a GPU, NCCL with one GPU per rank otherwise — forwards SIGTERM / SIGINT / SIGUSR1 to them,
-and exits with the first non-zero exit code (0 when every rank succeeded). Bad
-arguments exit 2 with one line naming the flag, before any rank starts.
+and exits with the first non-zero exit code (0 when every rank succeeded; 130 after
+SIGINT, with one line naming the last checkpoint). Bad arguments exit 2 with one line
+naming the flag, before any rank starts.
 
-Rank 0 speaks; the other ranks' output goes to ``RUN_DIR/logs/rank_N.log`` and the tail
-of a failing rank's log is printed. Third-party warnings are filtered (``--verbose`` or
-``MEGATRON_ALP_VERBOSE=1`` shows them).
+Rank 0 speaks; every rank's output goes to ``RUN_DIR/logs/rank_N.log`` (rank 0's also to
+this terminal). When a rank fails, each failed rank is named with its exit (a signal by
+name: ``killed by SIGKILL``) and the tail of its log, rank 0 included. Third-party
+warnings are filtered (``--verbose`` or ``MEGATRON_ALP_VERBOSE=1`` shows them).
 """
 
 from __future__ import annotations
@@ -86,19 +88,72 @@ def _run_rank(argv: list[str]) -> int:
     from megatron_alp import parallel
     from megatron_alp.train.arguments import parse_args
     from megatron_alp.train.loop import run
+    from megatron_alp.train.signals import interrupted_line
 
     cfg = parse_args(argv)
     parallel.init_distributed()
-    if dist.get_rank() == 0 and os.environ.get(_CHILD) != "1":
+    speaks = dist.get_rank() == 0 and os.environ.get(_CHILD) != "1"  # under torchrun
+    if speaks:
         _print_config(cfg)
     try:
         result = run(cfg)
+    except KeyboardInterrupt:
+        if speaks:  # under our launcher, the launcher says it
+            print(interrupted_line(cfg.save), file=sys.stderr, flush=True)
+        return 130
     finally:
         parallel.teardown()
     return 0 if result is not None else 1
 
 
-def _launch(argv: list[str], nproc: int, run_dir: Path) -> int:
+def _copy_out(src, *sinks) -> threading.Thread:
+    """Copy rank 0's output pipe to the terminal and its log file as it comes."""
+
+    def pump() -> None:
+        fd = src.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            for sink in sinks:
+                try:
+                    sink.write(chunk)
+                    sink.flush()
+                except (OSError, ValueError):
+                    pass
+
+    t = threading.Thread(target=pump, daemon=True, name="rank0-output")
+    t.start()
+    return t
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def _report_failures(failed: list[tuple[int, int]], logs: Path) -> None:
+    """Name every failed rank, its exit and the tail of its log (rank 0 included)."""
+    from megatron_alp.launch import describe_exit
+
+    first = failed[0][0]
+    for r, c in failed:
+        log = logs / f"rank_{r}.log"
+        lines = _tail(log, 25 if r == first else 8)
+        what = "failed first" if r == first and len(failed) > 1 else "failed"
+        print(f"[train] rank {r} {what}: {describe_exit(c)}; last {len(lines)} lines of {log}:",
+              file=sys.stderr)
+        for line in lines:
+            print(f"  | {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _launch(argv: list[str], nproc: int, run_dir: Path, save: Path | None = None) -> int:
     from megatron_alp.launch import free_port
     from megatron_alp.rundir import claim_run_dir
 
@@ -108,23 +163,28 @@ def _launch(argv: list[str], nproc: int, run_dir: Path) -> int:
     port = free_port()
     procs: list[subprocess.Popen] = []
     files = []
+    pumps = []
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_RANK=str(r),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env[_CHILD] = "1"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        if r == 0:
-            out = None
+        f = open(logs / f"rank_{r}.log", "wb")
+        files.append(f)
+        if r == 0:  # to the terminal and to its log (the tail is printed if it dies)
+            env["PYTHONUNBUFFERED"] = "1"  # a pipe now, not the terminal: keep lines prompt
+            p = subprocess.Popen([sys.executable, "-m", "megatron_alp.train", *argv], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            pumps += [_copy_out(p.stdout, sys.stdout.buffer, f), _copy_out(p.stderr, sys.stderr.buffer, f)]
         else:
-            f = open(logs / f"rank_{r}.log", "w")
-            files.append(f)
-            out = f
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "megatron_alp.train", *argv], env=env,
-            stdout=out, stderr=subprocess.STDOUT if out is not None else None,
-        ))
+            p = subprocess.Popen([sys.executable, "-m", "megatron_alp.train", *argv], env=env,
+                                 stdout=f, stderr=subprocess.STDOUT)
+        procs.append(p)
+    interrupted = False
 
     def forward(signum, frame):  # noqa: ARG001
+        nonlocal interrupted
+        interrupted = interrupted or signum == signal.SIGINT
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -137,17 +197,21 @@ def _launch(argv: list[str], nproc: int, run_dir: Path) -> int:
             states = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(states) if c not in (None, 0)]
             if failed:
-                r, c = failed[0]
+                c = failed[0][1]
                 code = c if c > 0 else 1
                 time.sleep(2.0)  # let the others report / notice
+                # ranks that failed by themselves meanwhile (not the ones killed below)
+                later = [(r, p.returncode) for r, p in enumerate(procs)
+                         if r not in dict(failed) and p.poll() not in (None, 0)]
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
-                if r != 0:
-                    tail = (logs / f"rank_{r}.log").read_text().splitlines()[-25:]
-                    print(f"[train] rank {r} failed (exit {c}); last lines of {logs / f'rank_{r}.log'}:",
-                          file=sys.stderr)
-                    print("\n".join(tail), file=sys.stderr)
+                for t in pumps:
+                    t.join(2.0)
+                if interrupted:
+                    code = 130
+                else:
+                    _report_failures(failed + later, logs)
                 break
             if all(s == 0 for s in states):
                 break
@@ -157,8 +221,15 @@ def _launch(argv: list[str], nproc: int, run_dir: Path) -> int:
             if p.poll() is None:
                 p.kill()
             p.wait()
+        for t in pumps:
+            t.join(2.0)
         for f in files:
             f.close()
+    if interrupted:
+        from megatron_alp.train.signals import interrupted_line
+
+        print(interrupted_line(save), file=sys.stderr, flush=True)
+        return 130
     return code
 
 
@@ -181,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         _print_config(cfg)
         print(f"[train] starting {nproc} rank(s) (TP={cfg.parallel.tensor_model_parallel_size}, "
               f"PP={cfg.parallel.pipeline_model_parallel_size}, DP={cfg.data_parallel_size}) ...", flush=True)
-        return _launch(argv, nproc, Path(cfg.run.run_dir))
+        return _launch(argv, nproc, Path(cfg.run.run_dir), cfg.save)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before any rank started (ranks: _launch / _run_rank)
         print("[train] interrupted", file=sys.stderr)
         return 130
 

@@ -17,7 +17,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunLogger", "progress_line", "summary_table"]
+__all__ = ["RunLogger", "progress_line", "say_layer_spec", "summary_table"]
+
+
+def say_layer_spec(rank: int) -> None:
+    """The start-up line naming the layer spec this run builds and why (rank 0); loud
+    (WARNING, stderr) when CUDA is present but Transformer Engine is not used."""
+    from megatron_alp.models.builder import layer_spec_report
+
+    line, loud = layer_spec_report()
+    if rank == 0:
+        print(f"[train] {'WARNING: ' if loud else ''}{line}", file=sys.stderr if loud else sys.stdout, flush=True)
 
 
 def _fmt(v: Any, spec: str = ".3g") -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,10 @@ from megatron_alp.train.batches import (
     scatter_step_tensors,
     step_tensors,
 )
-from megatron_alp.train.logging import RunLogger, progress_line, summary_table
+from megatron_alp.train.logging import RunLogger, progress_line, say_layer_spec, summary_table
 from megatron_alp.train.policy import Policy
+from megatron_alp.train.signals import ExitSignal, StepInterrupted
+from megatron_alp.train.sync_host import share_sync_host
 from megatron_alp.train.rollouts import (
     Sample,
     add_advantages,
@@ -57,17 +58,7 @@ from megatron_alp.train.rollouts import (
 __all__ = ["run"]
 
 
-class _ExitSignal:
-    """Records SIGTERM (and SIGUSR1, what SLURM's --signal sends) for a clean save-and-exit."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.received = False
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:  # noqa: ARG002
-        self.received = True
+_INTERRUPTED = "interrupted"  # rank 0's rollouts were cut short by a saving signal
 
 
 def _agree(flag: bool) -> bool:
@@ -103,10 +94,12 @@ def _metrics_owner() -> int:
 class Trainer:
     """State of one run on one rank; :func:`run` drives it."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, stop: ExitSignal | None = None) -> None:
         from transformers import AutoConfig
 
         self.cfg = cfg
+        self.stop = stop if stop is not None else ExitSignal(False)
+        self.interrupted_in: str | None = None  # the phase a saving signal cut short
         self.rank = dist.get_rank()
         self.hf_config = AutoConfig.from_pretrained(str(cfg.run.hf_model))
         self.policy = Policy(cfg, self.hf_config, with_reference=cfg.loss.needs_ref_logp)
@@ -283,21 +276,32 @@ class Trainer:
         from megatron_alp.rewards import get_reward
 
         run = self.cfg.run
+        self._sampler_before = self.sampler.state_dict()  # a dropped step draws its prompts again
         rows = self.sampler.next(run.prompts_per_step)
         samples = st = None
         shape = None
         if self.rank == 0:
             t0 = time.perf_counter()
             seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
-            samples = self._generate(
-                self.prompt_ids, rows, self.dataset.answers, self._sampling(run.group_size, seed),
-                get_reward(run.reward),
-            )
-            add_advantages(samples, run.advantage_estimator)
+            try:
+                with self.stop.interruptible():
+                    samples = self._generate(
+                        self.prompt_ids, rows, self.dataset.answers,
+                        self._sampling(run.group_size, seed), get_reward(run.reward),
+                    )
+                    add_advantages(samples, run.advantage_estimator)
+            except StepInterrupted:
+                samples = _INTERRUPTED
             timing["gen"] = time.perf_counter() - t0
-            st = step_tensors(samples, multiple=self.multiple)
-            shape = tuple(st.tokens.shape)
-        N, S = _broadcast(shape)
+            if not (isinstance(samples, str) and samples == _INTERRUPTED):
+                st = step_tensors(samples, multiple=self.multiple)
+                shape = tuple(st.tokens.shape)
+            else:
+                shape = _INTERRUPTED
+        shape = _broadcast(shape)
+        if isinstance(shape, str) and shape == _INTERRUPTED:
+            self._drop_step("rollouts")
+        N, S = shape
         return samples, st, N, S
 
     def _local_step_tensors(self, st: StepTensors | None, N: int, S: int) -> StepTensors:
@@ -324,6 +328,19 @@ class Trainer:
         for f in dataclasses.fields(StepTensors):
             getattr(full, f.name)[idx] = getattr(mine, f.name)
         return full
+
+    def _drop_step(self, phase: str) -> None:
+        """A saving signal arrived before the update: forget this step (its prompts are
+        drawn again after resume) and let :func:`run` save the last completed one."""
+        self.sampler.load_state_dict(self._sampler_before)
+        self.interrupted_in = (f"{phase} of step {self.step + 1}: that step is dropped (its prompts "
+                               "are drawn again on resume)")
+        raise StepInterrupted(phase)
+
+    def _signalled(self) -> bool:
+        """True on every rank once any rank got a saving signal (a collective; only with
+        ``--exit-signal-handler``)."""
+        return self.stop.enabled and _agree(self.stop.received)
 
     def _micro(self, st, ids: tuple[int, ...], extra: dict[str, torch.Tensor], offset: int) -> dict:
         """One micro-batch on the host: the schedule moves it to the device (asynchronous
@@ -374,6 +391,8 @@ class Trainer:
                 ref[torch.tensor(c)] = out["logp"].float().cpu()
             extra["ref_logp"] = ref
         timing["old_log_prob"] = time.perf_counter() - t0
+        if self._signalled():
+            self._drop_step("the log-prob pass")
         metrics: dict[str, float] = {}
         if self.is_last:
             metrics.update(mismatch.compute(dp_group=self.dp_group, device=platform.device()))
@@ -395,8 +414,15 @@ class Trainer:
         # every optimizer step's ALP key drawn now, while the device is idle (the same
         # sequence as drawing each before its step; a draw reads a device tensor)
         alp_keys = iter([step_key(cfg.alp) for _ in range(run.iterations * len(plan))] if cfg.alp.enabled else [])
+        n_planned = run.iterations * len(plan)
         for it in range(run.iterations):
+            if self.interrupted_in is not None:
+                break
             for mb in plan:
+                if grad_norms and self._signalled():  # the step ends after this mini-batch
+                    self.interrupted_in = (f"the update of step {self.step + 1}: it ends after "
+                                           f"{len(grad_norms)} of its {n_planned} mini-batches")
+                    break
                 batches = [self._micro(st, ids, extra, off) for ids, off in zip(mb.micro, mb.offsets)]
                 counts = (0, 0)
                 if self.is_last:
@@ -451,7 +477,7 @@ class Trainer:
                             first_kl = vec[keys.index("actor/ppo_kl")]
         sums = dict(zip(sums_t, torch.stack(list(sums_t.values())).tolist())) if sums_t else {}
         first_kl = float(first_kl) if first_kl is not None else None
-        n_updates = run.iterations * len(plan)
+        n_updates = len(grad_norms)
         self.policy.sync_params()  # the last step's weights, before anything reads them
         timing["update_actor"] = time.perf_counter() - t0
         if self.is_last:
@@ -473,7 +499,8 @@ class Trainer:
         # --- weight sync
         t0 = time.perf_counter()
         self.step += 1
-        self.sync_weights()
+        if self.interrupted_in is None or run.generation_lag:  # lag: keep the saved chain whole
+            self.sync_weights()
         timing["update_weights"] = time.perf_counter() - t0
 
         # the loss metrics live on the last stage; everything else is the same on every rank
@@ -504,6 +531,7 @@ class Trainer:
         if self.eval_set is None:
             return {}
         out: dict[str, float] = {}
+        samples = None
         if self.rank == 0:
             from megatron_alp.rewards import get_reward
 
@@ -514,11 +542,20 @@ class Trainer:
             t0 = time.perf_counter()
             n = run.eval_samples
             rows = list(range(len(self.eval_set)))
-            samples = self._generate(
-                self.eval_ids, rows, self.eval_set.answers, self._sampling(n, 12345), get_reward(run.reward),
-            )
+            try:
+                with self.stop.interruptible():
+                    samples = self._generate(
+                        self.eval_ids, rows, self.eval_set.answers, self._sampling(n, 12345),
+                        get_reward(run.reward),
+                    )
+            except StepInterrupted:
+                # the step is complete: run() saves it; rank 0 still reaches wait_for_rank
+                # below, where the other ranks wait for it
+                self.interrupted_in = f"the evaluation after step {self.step}: skipped"
+                samples = None
             if lagged:
                 self._load_engine(self.lagged[0])
+        if self.rank == 0 and samples is not None:
             name = Path(self.eval_set.path).stem
             correct = collections.Counter()
             for s in samples:
@@ -567,12 +604,13 @@ def run(cfg: Any) -> dict[str, Any]:
     from megatron_alp.train.arguments import config_json
 
     t_start = time.time()
-    stop = _ExitSignal(cfg.exit_signal_handler)
+    stop = ExitSignal(cfg.exit_signal_handler)
     with parallel.model_parallel(cfg.parallel):
         rank = dist.get_rank()
         say = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
         say(f"[train] building the policy ({cfg.loss_preset}, ALP {'on' if cfg.alp.enabled else 'off'}) ...")
-        tr = Trainer(cfg)
+        say_layer_spec(rank)
+        tr = Trainer(cfg, stop)
         resumed = None
         engine_weights_restored = False
         if cfg.save is not None and rank == 0:
@@ -591,6 +629,8 @@ def run(cfg: Any) -> dict[str, Any]:
                     engine_weights_restored = tr.restore(state, folder)
                     resumed = tr.step
                 say(f"[train] loaded {folder}" + (f" (resuming after step {tr.step})" if state else " (weights only)"))
+        if share_sync_host(cfg.run.engine_kwargs) is not None:  # the fleet's weight-sync host
+            say(f"[train] weight-sync host (rank 0's): {cfg.run.engine_kwargs['sync_host']}")
         tr.start_engine()
         if rank == 0:
             from megatron_alp.rundir import claim_run_dir
@@ -612,7 +652,11 @@ def run(cfg: Any) -> dict[str, Any]:
         last_saved = tr.step if resumed is not None else None
         exit_reason = "done"
         while tr.step < cfg.train_iters:
-            metrics = tr.train_step()
+            try:
+                metrics = tr.train_step()
+            except StepInterrupted:  # every rank: a saving signal before this step's update
+                exit_reason = "signal"
+                break
             if (cfg.run.eval_interval and tr.step % cfg.run.eval_interval == 0) or tr.step == cfg.train_iters:
                 metrics.update(tr.evaluate())
             logger.log(tr.step, metrics)
@@ -630,9 +674,15 @@ def run(cfg: Any) -> dict[str, Any]:
             if cfg.exit_duration_in_mins and _agree((time.time() - t_start) / 60 > cfg.exit_duration_in_mins):
                 exit_reason = "exit-duration"
                 break
+        signame = stop.name or "a saving signal (to another rank)"
+        if tr.interrupted_in is not None:
+            logger.say(f"[train] {signame} during {tr.interrupted_in}")
         if cfg.save is not None and last_saved != tr.step:
             ckpt.save_checkpoint(cfg.save, tr.step, tr.policy, tr.trainer_state(), tr.engine_weights())
             logger.say(f"[train] saved {ckpt.iter_dir(cfg.save, tr.step)}")
+        if exit_reason == "signal" and cfg.save is not None:
+            logger.say(f"[train] {signame} to saved checkpoint: {stop.since():.1f} s (under torchrun "
+                       "this must fit its --shutdown-timeout, default 30 s; docs/train.md, Signals)")
         if exit_reason != "done":
             logger.say(f"[train] stopped after step {tr.step} ({exit_reason}); resume with --load {cfg.save}")
         logger.say(summary_table(logger.history, time.time() - t_start))

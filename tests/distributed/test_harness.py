@@ -28,6 +28,16 @@ def hang_on_rank_zero() -> int:
     return dist.get_rank()
 
 
+def kill9_rank_zero() -> int:
+    import os
+    import signal
+
+    if dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    return dist.get_rank()
+
+
 def backend_and_switch() -> tuple[str, str, str]:
     import os
 
@@ -51,6 +61,9 @@ def test_rank_group_results_failures_and_timeouts():
             group.run(hang_on_rank_zero, timeout_s=5)
         assert time.monotonic() - t0 < 30
         assert not group.alive
+        # a rank killed by a signal is named with the signal (issue 18.8)
+        with pytest.raises(RankFailure, match=r"rank 0 died \(killed by SIGKILL\)"):
+            group.run(kill9_rank_zero, timeout_s=60)
     with pytest.raises(ValueError, match="module-level function"):
         RankGroup(1).run(lambda: 0)
 

@@ -136,3 +136,94 @@ def sleepy_train_body(argv: list[str], world_size: int) -> Any:
     """``train_body`` with ``sleepy-local`` registered in this rank."""
     register_sleepy_engine()
     return train_body(argv, world_size)
+
+
+# ------------------------------------------------------------------------ a signal mid-update
+def signal_after_first_update_body(argv: list[str], world_size: int) -> Any:
+    """``train_body`` where rank 0 sends itself SIGTERM right after its first optimizer step
+    (the update of step 1 has more mini-batches to go). The handlers the run installed are
+    reset afterwards: this rank process serves other tests."""
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from megatron_alp.train.policy import Policy
+
+    original = Policy.update
+    calls = []
+
+    def update(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1 and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    Policy.update = update
+    try:
+        out = train_body(argv, world_size)
+    finally:
+        Policy.update = original
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+    return (out, len(calls))
+
+
+# ------------------------------------------------------------------------ SIGTERM under torchrun
+TORCHRUN_GRACE_S = 30  # torchrun's --shutdown-timeout default (torch 2.14.1, launcher/api.py)
+
+
+def sigterm_during_slow_rollout(assets: Path, tmp_path: Path, *, nproc: int, flags=()) -> tuple[float, float, int]:
+    """torchrun (``nproc`` ranks) runs the trainer with the ``slow-local`` engine
+    (``tests/e2e/slow_rollout_train.py``); SIGTERM goes to torchrun's agent once step 2's
+    rollouts have started. Asserts a complete checkpoint of step 1, saved before
+    torchrun's SIGKILL, with the sampler where step 1 left it; returns the trainer's
+    signal-to-saved seconds, the seconds to torchrun's exit and its exit code."""
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_alp.data import PromptSampler
+
+    save, marker = tmp_path / "ckpt", tmp_path / "slow-rollout-started"
+    argv = base_argv(assets, tmp_path / "run", "--rl-loss", "grpo", "--train-iters", "5",
+                     "--save", str(save), "--exit-signal-handler", "--rl-rollout-engine", "slow-local", *flags)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MEGATRON_ALP_TEST_MARKER=str(marker),
+               MEGATRON_ALP_TEST_SLOW_S="600")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         str(REPO / "tests/e2e/slow_rollout_train.py"), *argv],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():  # step 2's (slow) rollouts have started
+            assert p.poll() is None, p.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "step 2's rollouts never started"
+            time.sleep(0.05)
+        assert not (save / "latest_checkpointed_iteration.txt").exists()  # --save-interval 5
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)  # to torchrun's agent, as srun / scancel deliver it
+        out, _ = p.communicate(timeout=TORCHRUN_GRACE_S + 60)  # it SIGKILLs the ranks at 30 s
+        elapsed = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1", out[-4000:]
+    assert (save / "iter_0000001" / ".metadata").is_file()
+    assert "SIGTERM during rollouts of step 2: that step is dropped" in out, out[-4000:]
+    assert "stopped after step 1 (signal)" in out
+    said = float(out.split("SIGTERM to saved checkpoint: ")[1].split(" s")[0])
+    # the budget: a complete checkpoint before torchrun's SIGKILL (what follows, the
+    # interpreter's own exit, may be cut short by it without harm)
+    assert said < TORCHRUN_GRACE_S and said < elapsed, (said, elapsed)
+    # the dropped step's prompts come again: the sampler is where step 1 left it
+    state = pickle.loads((save / "iter_0000001" / "trainer_state.pt").read_bytes())
+    oracle = PromptSampler(len((assets / "train.jsonl").read_text().splitlines()), 7)
+    oracle.next(8)  # step 1: --grpo-prompts-per-step 8, --seed 7
+    assert state["sampler"] == oracle.state_dict() and state["step"] == 1
+    return said, elapsed, p.returncode

@@ -23,7 +23,8 @@ def needs_te() -> None:
     from megatron_alp.models import te_available
 
     if not te_available():
-        pytest.skip("needs a working Transformer Engine (pip install -e '.[gpu]')")
+        pytest.skip("needs a working Transformer Engine (pip install --no-build-isolation -e '.[gpu]'; "
+                    "docs/gpu.md, Transformer Engine)")
 
 
 def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

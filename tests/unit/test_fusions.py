@@ -64,3 +64,27 @@ def test_no_fusions_without_cuda():
     if platform.cuda_available():
         pytest.skip("CUDA present")
     assert not any(builder.default_fusions().values())
+
+
+def test_start_up_names_the_layer_spec_and_why(cuda_host, broken_te):
+    """A broken TE (an extension built for another torch: an ABI mismatch) must not fall
+    back silently: the start-up line names the local spec, the reason and the install
+    command (issue 18, item 10). The trainer prints it on rank 0 (stderr, WARNING)."""
+    with pytest.warns(UserWarning):
+        line, loud = builder.layer_spec_report()
+    assert loud
+    assert "LOCAL spec although CUDA is present" in line
+    assert "Transformer Engine is installed but does not work" in line
+    assert "--no-build-isolation" in line
+
+
+def test_layer_spec_report_without_cuda_or_without_te(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line, loud = builder.layer_spec_report()
+    assert not loud and "megatron-core local (no CUDA" in line
+
+
+def test_missing_te_on_a_gpu_is_said_loudly_too(cuda_host, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not installed
+    line, loud = builder.layer_spec_report()
+    assert loud and "Transformer Engine is not installed" in line

@@ -32,8 +32,10 @@ def add_fleet_flags(parser: argparse.ArgumentParser) -> None:
                         "one group for vLLM")
     g.add_argument("--rl-fleet-engines", type=int, default=2, metavar="N",
                    help="engines of a locally started fleet (no --rl-fleet-endpoints; default 2)")
-    g.add_argument("--rl-fleet-sync-host", default="127.0.0.1", metavar="HOST",
-                   help="this trainer's address as the engines reach it (weight-sync rendezvous)")
+    g.add_argument("--rl-fleet-sync-host", default="auto", metavar="HOST",
+                   help="rank 0's address as the engines reach it (weight-sync rendezvous); "
+                        "default auto: rank 0 finds its own (127.0.0.1 for engines on its machine, "
+                        "else the interface routing to them) and shares it with every rank")
     g.add_argument("--rl-fleet-sync-port", type=int, default=None, metavar="PORT",
                    help="first weight-sync rendezvous port (default: a free one)")
 
