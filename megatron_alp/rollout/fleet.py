@@ -437,7 +437,7 @@ class FleetEngine:
                                  what="member count")
         world = 1 + sum(sizes)
         self._drop_sender()  # the previous epoch's communicator (its GPU buffers) goes
-        sender = self._sender_cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
+        sender = self._sender_class(live)(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
         offsets = [1 + sum(sizes[:k]) for k in range(len(live))]
         ranks = {id(st): off for st, off in zip(live, offsets)}
         try:
@@ -450,6 +450,19 @@ class FleetEngine:
             raise
         self._sender = sender
         self._members = tuple((st.endpoint.url, st.instance) for st in live)
+
+    def _sender_class(self, live: list[_EngineState]) -> Any:
+        """gloo for twins and for vLLM's CPU backend (its workers say ``transport="gloo"``),
+        NCCL for vLLM on GPUs; a group must be one or the other."""
+        if self.backend == "twin":
+            return self._sender_cls
+        kinds = {getattr(st.endpoint, "transport", None) or "nccl" for st in live}
+        if len(kinds) > 1:
+            raise FleetError("fleet: the engines take different weight transports (GPU and CPU "
+                             "engines in one fleet): " + ", ".join(
+                                 f"{st.endpoint.url}: {getattr(st.endpoint, 'transport', None)}"
+                                 for st in live))
+        return GlooSender if kinds == {"gloo"} else self._sender_cls
 
     def _collective(self, live: list[_EngineState], call: Any, *, alongside: Any = None,
                     what: str) -> list[Any]:
