@@ -34,6 +34,8 @@ __all__ = [
     "require_pynccl",
     "require_reset",
     "sampling_kwargs",
+    "tensor_from_payload",
+    "tensor_payload",
     "wait_for_stream",
     "wait_or_abort",
     "vllm_dtype",
@@ -297,6 +299,23 @@ def require_reset(result: Any, engine: str) -> bool:
             "while the engine is idle"
         )
     return result is True
+
+
+def tensor_payload(name: str, t: torch.Tensor) -> list[Any]:
+    """``[name, dtype, shape, bytes]``: a CPU copy of ``t`` as plain (msgpack-safe) data."""
+    t = t.detach().to("cpu").contiguous()
+    return [name, str(t.dtype).removeprefix("torch."), list(t.shape),
+            t.view(torch.uint8).numpy().tobytes() if t.numel() else b""]
+
+
+def tensor_from_payload(item: Sequence[Any]) -> tuple[str, torch.Tensor]:
+    """The inverse of :func:`tensor_payload` (a fresh, writable tensor)."""
+    name, dtype, shape, raw = item
+    dt = getattr(torch, str(dtype))
+    if not raw:
+        return str(name), torch.empty([int(s) for s in shape], dtype=dt)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt)
+    return str(name), flat.reshape([int(s) for s in shape])
 
 
 def _opt_bytes(x: Any) -> bytes | None:

