@@ -231,8 +231,9 @@ class VLLMEndpoint:
         # is reported down (EngineDown), so it is marked stale and serves nothing until a
         # later sync succeeds, instead of the whole update failing with RuntimeError.
         # CPU workers load everything they buffered now (one reload_weights: whole
-        # layers); GPU workers loaded each bucket as it came and answer 0.
-        self._rpc("commit_weights", [], timeout=timeout)
+        # layers); GPU workers loaded each bucket as it came (nothing to do).
+        if self.transport == "gloo":
+            self._rpc("commit_weights", [], timeout=timeout)
         deadline = time.monotonic() + retry_s
         while True:
             ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)
