@@ -13,8 +13,9 @@ tokenizer) served by ``--engines`` twin engines and by as many ``vllm serve`` en
 * weight sync: ``update_weights`` of the whole model, against a raw gloo broadcast of the
   same tensors to as many bare receivers (interleaved rounds); ratio raw / sync;
 * prefix cache (vLLM): hit rate of prompt tokens (``vllm:prefix_cache_hits`` /
-  ``queries``) with a prompt's 8 samples in one request unit (grouped rows:
-  ``rows_per_request=8``, one engine) against spread rows (``rows_per_request=1``).
+  ``queries``) of 16 prompts of 160 tokens (the CPU backend caches whole blocks of 128)
+  with a prompt's 8 samples in one request unit (grouped rows: ``rows_per_request=8``,
+  one engine) against spread rows (``rows_per_request=1``).
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ def main() -> int:
     try:
         for backend, extra in (("twin", []), ("vllm", ["--enforce-eager"])):
             t0 = time.perf_counter()
+            logs = Path(tmp.name) / f"logs-{backend}"
+            logs.mkdir()
             fleets[backend] = LocalFleet(a.engines, model=str(folder), backend=backend, dtype=a.dtype,
-                                         extra_args=extra, startup_timeout_s=600)
+                                         extra_args=extra, startup_timeout_s=600, log_dir=str(logs))
             start_s[backend] = time.perf_counter() - t0
             engines[backend] = create_engine("fleet", endpoints=fleets[backend].endpoints, backend=backend,
                                              model=str(folder), sync_timeout_s=300, startup_wait_s=60)
@@ -168,13 +171,16 @@ def main() -> int:
                   + "; sync s " + ", ".join(f"{b} {sync[b][-1]:.3f}" for b in engines)
                   + f"; raw gloo {raw[-1]:.3f} s", flush=True)
 
+        # vLLM's CPU backend caches in blocks of 128 tokens: a prompt shorter than that
+        # is never a hit, so the prefix measurement uses 160-token prompts.
+        long_prompts = [[(11 * i + k) % 200 + 3 for k in range(160)] for i in range(16)]
         hits = {}
         for label, rows in (("grouped (rows_per_request=8)", 8), ("spread (rows_per_request=1)", 1)):
             eng = create_engine("fleet", endpoints=fleets["vllm"].endpoints, backend="vllm", model=str(folder),
                                 rows_per_request=rows, startup_wait_s=60)
             eng.update_weights(iter(buckets))  # resets the prefix caches
             before = [_prefix_counters(u) for u in fleets["vllm"].endpoints]
-            eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=4, n=8, seed=2))
+            eng.generate(long_prompts, SamplingParams(temperature=1.0, max_new_tokens=4, n=8, seed=2))
             after = [_prefix_counters(u) for u in fleets["vllm"].endpoints]
             h = sum(x[0] - y[0] for x, y in zip(after, before))
             q = sum(x[1] - y[1] for x, y in zip(after, before))
@@ -191,6 +197,10 @@ def main() -> int:
             print(f"  vllm prefix-cache hit rate, {label}: {rate:.2f}")
         for c in pipes:
             c.send(None)
+    except BaseException:
+        for log in sorted(Path(tmp.name).glob("logs-*/*.log")):
+            print(f"--- {log}\n" + log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
     finally:
         for eng in engines.values():
             eng.close()

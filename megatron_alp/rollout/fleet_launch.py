@@ -81,7 +81,8 @@ def engine_command(
 ) -> list[str]:
     """The command line of one engine process. ``dtype`` is the weights' dtype (ours or
     vLLM's names); ``cpu`` (vLLM's CPU backend) adds a KV cache size
-    (``CPU_KV_CACHE_BYTES``) unless ``extra`` gives one; ``python`` runs a vLLM engine
+    (``CPU_KV_CACHE_BYTES``) and turns chunked prefill off (``CPU_NO_CHUNKED_PREFILL``)
+    unless ``extra`` says otherwise; ``python`` runs a vLLM engine
     (default :func:`~megatron_alp.rollout.vllm_env.vllm_python`)."""
     if backend == "twin":
         return [sys.executable, "-m", "megatron_alp.rollout.engine_server", "--model", model,
@@ -106,10 +107,17 @@ def engine_command(
         # vLLM (a GPU trainer needs the same vLLM for the NCCL group), else the vLLM
         # environment (.venv-vllm; the CPU trainer sends by gloo and needs no vLLM).
         from megatron_alp.rollout.vllm_env import vllm_python
-        from megatron_alp.rollout.vllm_support import CPU_KV_CACHE_BYTES, vllm_dtype
+        from megatron_alp.rollout.vllm_support import (
+            CPU_KV_CACHE_BYTES,
+            CPU_NO_CHUNKED_PREFILL,
+            vllm_dtype,
+        )
 
-        if cpu and not any(a.partition("=")[0] == "--kv-cache-memory-bytes" for a in extra):
+        flags = {a.partition("=")[0] for a in extra}
+        if cpu and "--kv-cache-memory-bytes" not in flags:
             extra += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+        if cpu and not flags & {"--enable-chunked-prefill", CPU_NO_CHUNKED_PREFILL}:
+            extra += [CPU_NO_CHUNKED_PREFILL]
         return [python or vllm_python(), "-m", "vllm.entrypoints.cli.main", "serve", model,
                 "--host", host, "--port", str(port),
                 "--dtype", vllm_dtype(dtype), "--logprobs-mode", "processed_logprobs",

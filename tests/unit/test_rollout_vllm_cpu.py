@@ -52,6 +52,17 @@ def test_cpu_engine_gets_a_kv_cache_size_unless_given():
     assert own.count("--kv-cache-memory-bytes") == 1 and _flag(own, "--kv-cache-memory-bytes") == "5"
 
 
+def test_cpu_engine_runs_without_chunked_prefill():
+    """A seeded request whose prefill is chunked kills vLLM's CPU engine core ("CPU
+    Generator does not use offset"); every completion here is seeded."""
+    assert "--no-enable-chunked-prefill" in engine_command("vllm", "/m", 1, cpu=True, python="py")
+    assert "--no-enable-chunked-prefill" not in engine_command("vllm", "/m", 1, python="py")
+    kept = engine_command("vllm", "/m", 1, cpu=True, python="py", extra=["--enable-chunked-prefill"])
+    assert "--no-enable-chunked-prefill" not in kept
+    assert engine_kwargs("/m", cpu=True)["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in engine_kwargs("/m")
+
+
 # ---------------------------------------------------------------- defect 6: no sleep mode on the CPU
 def test_cpu_engine_kwargs_do_not_ask_for_sleep_mode():
     gpu = engine_kwargs("/m", colocate=True)
@@ -152,3 +163,41 @@ def test_amx_permission_request_is_harmless_and_granted_where_amx_exists():
     granted = request_amx_permission()
     assert granted is ("amx_tile" in flags)
     assert request_amx_permission() is granted  # a second call changes nothing
+
+
+# ---------------------------------------------------------------- defect 5: the probe check
+def test_probe_check_accepts_the_weights_sent_and_sees_one_wrong_tensor(tmp_path):
+    """The oracle is the HF model itself: completions scored by the model whose weights
+    were sent pass at ~0; one tensor off by 0.05 fails; a tensor never sent is named."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_alp.models.tiny import tiny_hf_config
+    from megatron_alp.rollout.base import Completion
+    from megatron_alp.rollout.probe import check_probe, probe_prompts, reference_model
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", num_hidden_layers=2)).eval()
+    hf.save_pretrained(tmp_path / "m")
+    sent = [[(n, p.detach().clone())] for n, p in hf.named_parameters()]
+    prompts = probe_prompts(hf.config.vocab_size)
+    comps = []
+    with torch.no_grad():  # "the engine": the same weights, greedy, exact log-probs
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([p])
+            toks, lps = [], []
+            for _ in range(4):
+                logp = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
+                t = int(logp.argmax())
+                toks.append(t)
+                lps.append(float(logp[t]))
+                ids = torch.cat([ids, torch.tensor([[t]])], 1)
+            comps.append(Completion(i, 0, toks, lps, "length"))
+    model, dtype = reference_model(str(tmp_path / "m"), sent)
+    assert check_probe(model, dtype, prompts, comps, "e") < 1e-5
+    wrong = [[(n, t + 0.05 if n == "model.layers.1.self_attn.k_proj.weight" else t) for n, t in b] for b in sent]
+    model, dtype = reference_model(str(tmp_path / "m"), wrong)
+    with pytest.raises(RuntimeError, match="e computes log-probs .* some tensors did not arrive"):
+        check_probe(model, dtype, prompts, comps, "e")
+    with pytest.raises(ValueError, match=r"never sent \['model.norm.weight'\]"):
+        reference_model(str(tmp_path / "m"), [b for b in sent if b[0][0] != "model.norm.weight"])

@@ -197,4 +197,12 @@ def test_cpu_engine_kwargs_are_accepted():
 
     ea = EngineArgs(**engine_kwargs("/m", dtype="fp32", colocate=True, cpu=True))
     assert not ea.enable_sleep_mode and ea.dtype == "float32" and ea.enforce_eager
-    assert ea.kv_cache_memory_bytes == CPU_KV_CACHE_BYTES
+    assert ea.kv_cache_memory_bytes == CPU_KV_CACHE_BYTES and ea.enable_chunked_prefill is False
+
+
+def test_cpu_serve_command_parses_with_vllms_parser():
+    from megatron_alp.rollout.fleet_launch import engine_command
+
+    args = _serve_parser().parse_args(engine_command("vllm", "/m", 8101, dtype="fp32", cpu=True)[3:])
+    assert args.dtype == "float32" and args.enable_chunked_prefill is False
+    assert args.kv_cache_memory_bytes is not None
