@@ -81,8 +81,8 @@ def engine_command(
 ) -> list[str]:
     """The command line of one engine process. ``dtype`` is the weights' dtype (ours or
     vLLM's names); ``cpu`` (vLLM's CPU backend) adds a KV cache size
-    (``CPU_KV_CACHE_BYTES``) and turns chunked prefill off (``CPU_NO_CHUNKED_PREFILL``)
-    unless ``extra`` says otherwise; ``python`` runs a vLLM engine
+    (``CPU_KV_CACHE_BYTES``), turns chunked prefill off (``CPU_NO_CHUNKED_PREFILL``)
+    and runs eagerly, unless ``extra`` says otherwise; ``python`` runs a vLLM engine
     (default :func:`~megatron_alp.rollout.vllm_env.vllm_python`)."""
     if backend == "twin":
         return [sys.executable, "-m", "megatron_alp.rollout.engine_server", "--model", model,
@@ -118,6 +118,8 @@ def engine_command(
             extra += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
         if cpu and not flags & {"--enable-chunked-prefill", CPU_NO_CHUNKED_PREFILL}:
             extra += [CPU_NO_CHUNKED_PREFILL]
+        if cpu and "--enforce-eager" not in flags:
+            extra += ["--enforce-eager"]  # as engine_kwargs(cpu=True): no graphs on the CPU
         return [python or vllm_python(), "-m", "vllm.entrypoints.cli.main", "serve", model,
                 "--host", host, "--port", str(port),
                 "--dtype", vllm_dtype(dtype), "--logprobs-mode", "processed_logprobs",

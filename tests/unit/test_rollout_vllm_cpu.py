@@ -56,6 +56,7 @@ def test_cpu_engine_runs_without_chunked_prefill():
     """A seeded request whose prefill is chunked kills vLLM's CPU engine core ("CPU
     Generator does not use offset"); every completion here is seeded."""
     assert "--no-enable-chunked-prefill" in engine_command("vllm", "/m", 1, cpu=True, python="py")
+    assert engine_command("vllm", "/m", 1, cpu=True, python="py", extra=["--enforce-eager"]).count("--enforce-eager") == 1
     assert "--no-enable-chunked-prefill" not in engine_command("vllm", "/m", 1, python="py")
     kept = engine_command("vllm", "/m", 1, cpu=True, python="py", extra=["--enable-chunked-prefill"])
     assert "--no-enable-chunked-prefill" not in kept
