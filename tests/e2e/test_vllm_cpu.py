@@ -198,14 +198,19 @@ def test_engine_killed_mid_rollout_then_restarted_serves_current_weights(fleet, 
         sp = SamplingParams(temperature=0.8, max_new_tokens=48, n=N, seed=21, ignore_eos=True)
         result: dict = {}
         th = threading.Thread(target=lambda: result.update(c=engine.generate(PROMPTS, sp)))
-        e1 = engine.engines[1]
-        base, failures0 = e1.served, engine.stats["engine_failures"]
+        base, failures0 = [st.served for st in engine.engines], engine.stats["engine_failures"]
         th.start()
-        deadline = time.monotonic() + 120
-        while not (e1.served > base and e1.in_flight > 0) and time.monotonic() < deadline:
+        # The victim: the first engine seen holding requests after serving some (an
+        # engine's first requests after a reload can take seconds, so it is not fixed).
+        deadline, k = time.monotonic() + 120, None
+        while k is None and time.monotonic() < deadline:
+            k = next((i for i, st in enumerate(engine.engines)
+                      if st.served > base[i] and st.in_flight > 0), None)
             time.sleep(0.002)
-        fleet.kill(1)  # mid-rollout: it has served some and holds others
-        assert 0 < e1.served - base < len(PROMPTS) * N
+        assert k is not None, "no engine was seen mid-rollout"
+        e1 = engine.engines[k]
+        fleet.kill(k)  # mid-rollout: it has served some and holds others
+        assert 0 < e1.served - base[k] < len(PROMPTS) * N
         th.join(timeout=300)
         comps = result["c"]
         keys = [(c.prompt_index, c.sample_index) for c in comps]
@@ -213,7 +218,7 @@ def test_engine_killed_mid_rollout_then_restarted_serves_current_weights(fleet, 
         assert all(len(c.token_ids) == 48 for c in comps)
         assert engine.stats["engine_failures"] == failures0 + 1
         assert _worst_logprob_gap(trainer, PROMPTS, comps, sp.temperature) < 1e-4
-        fleet.start(1)  # back with the checkpoint's weights: it must not serve them
+        fleet.start(k)  # back with the checkpoint's weights: it must not serve them
         engine.refresh()
         assert e1.up and e1.stale
         _perturb(trainer)
