@@ -152,9 +152,17 @@ def warm_up(model, tokenizer, rows, *, p_correct: float, lr: float, max_steps: i
 
 
 def build(
-    out: Path, *, seed: int, target: float, layers: int, hidden: int, warmup_max_steps: int = 3000
+    out: Path, *, seed: int, target: float, layers: int, hidden: int, warmup_max_steps: int = 3000,
+    heads: int = 4, kv_heads: int = 2,
 ) -> dict:
-    """Write the assets into ``out`` (an existing folder); ``warmup_max_steps`` caps the warm-up."""
+    """Write the assets into ``out`` (an existing folder); ``warmup_max_steps`` caps the warm-up.
+
+    ``heads`` / ``kv_heads``: attention heads (head size ``hidden / heads``). The default
+    (16 at hidden 64) is the main job's; vLLM's CPU attention needs a head size of at least
+    32 (``--heads 2``), which the vLLM tests use."""
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden {hidden} must be a multiple of heads {heads}, and heads of "
+                         f"kv_heads {kv_heads}")
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -172,8 +180,8 @@ def build(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=128,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
@@ -193,7 +201,7 @@ def build(
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     info = dict(seed=seed, warmup_steps=steps, warmup_mean_p_correct=p, warmup_modal_fraction=modal,
-                layers=layers, hidden=hidden)
+                layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads)
     (out / STAMP).write_text(json.dumps(info) + "\n")
     return info
 
@@ -206,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="soft-label probability of the right digit in the warm-up (default 0.2)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    p.add_argument("--heads", type=int, default=4,
+                   help="attention heads (default 4: head size 16; vLLM's CPU attention needs "
+                        ">= 32, i.e. --heads 2 at hidden 64)")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
     ns = p.parse_args(argv)
     if not 0 < ns.warmup_target < 1:
         p.error(f"--warmup-target must be in (0, 1), got {ns.warmup_target}")
+    if ns.heads < 1 or ns.kv_heads < 1 or ns.hidden % ns.heads or ns.heads % ns.kv_heads:
+        p.error(f"--hidden {ns.hidden} must be a multiple of --heads {ns.heads}, and --heads of "
+                f"--kv-heads {ns.kv_heads}")
     out = Path(ns.out).resolve()
     if out.exists():
         if (out / STAMP).is_file():
@@ -223,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{ns.warmup_target} ...", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        info = build(tmp, seed=ns.seed, target=ns.warmup_target, layers=ns.layers, hidden=ns.hidden)
+        info = build(tmp, seed=ns.seed, target=ns.warmup_target, layers=ns.layers, hidden=ns.hidden,
+                     heads=ns.heads, kv_heads=ns.kv_heads)
         os.rename(tmp, out)  # atomic; fails if --out appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

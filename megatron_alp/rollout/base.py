@@ -167,8 +167,14 @@ def available_engines() -> list[str]:
 
 def engine_can_sleep(name: str) -> bool:
     """True if the engine registered as ``name`` frees its GPU memory on request
-    (``sleep(level)``; the next ``update_weights`` wakes it): colocated engines do."""
-    return callable(getattr(_ENGINES.get(name), "sleep", None))
+    (``sleep(level)``; the next ``update_weights`` wakes it): colocated engines do, where
+    their platform can (an engine class's optional ``can_sleep_here()`` says; vLLM's CPU
+    backend cannot)."""
+    cls = _ENGINES.get(name)
+    if not callable(getattr(cls, "sleep", None)):
+        return False
+    here = getattr(cls, "can_sleep_here", None)
+    return bool(here()) if callable(here) else True
 
 
 def create_engine(name: str, **kwargs: Any) -> RolloutEngine:

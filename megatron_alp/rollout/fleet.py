@@ -38,6 +38,8 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
+import torch
+
 from megatron_alp.rollout.base import (
     Completion,
     SamplingParams,
@@ -239,6 +241,7 @@ class FleetEngine:
             if v is not None and v < 1:
                 raise ValueError(f"fleet {name} must be >= 1, got {v}")
         self.backend = backend
+        self.model_dir = model if isinstance(model, str) else None  # verify_weights' reference
         self.fleet: Any = None
         self._tmp: Any = None
         if endpoints is None:
@@ -247,6 +250,7 @@ class FleetEngine:
             from megatron_alp.rollout.fleet_launch import LocalFleet
 
             path = self._model_folder(model)
+            self.model_dir = path
             launch = dict(launch_kwargs or {})
             if backend == "vllm" and "reserve_gpus" not in launch:
                 launch["reserve_gpus"] = trainer_gpus()
@@ -506,6 +510,45 @@ class FleetEngine:
         return dict(engines=len(live), buckets=n_buckets, bytes=n_bytes,
                     seconds=time.perf_counter() - t0, epoch=self.epoch)
 
+    def verify_weights(self, buckets: Iterable[WeightBucket]) -> dict[str, float]:
+        """``--rl-verify-model-weights-swap``: every engine that serves the current version
+        holds the weights in ``buckets`` (the last sync's). Twins: sha256 per tensor.
+        vLLM engines hide their parameters (CPU build) or shard and fuse them, so each
+        engine's log-probs on a fixed probe batch are compared with an HF model holding
+        the weights sent (``probe.py``). Returns the worst difference per engine URL
+        (0.0 for an exact twin match); raises ``RuntimeError`` naming the engine."""
+        buckets = list(buckets)
+        serving = [st for st in self.engines if self._serving(st)]
+        if not serving:
+            raise RuntimeError("--rl-verify-model-weights-swap: no engine serves the current weights")
+        out: dict[str, float] = {}
+        if self.backend == "twin":
+            import hashlib
+
+            want = {n: hashlib.sha256(t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+                                      .tobytes()).hexdigest() for b in buckets for n, t in b}
+            for st in serving:
+                got = st.endpoint.digest(timeout=self.sync_timeout_s)
+                bad = [n for n in want if got.get(n) != want[n]]
+                if bad:
+                    raise RuntimeError(f"--rl-verify-model-weights-swap: engine {st.endpoint.url}: "
+                                       f"{len(bad)} tensors differ from the weights sent, e.g. {bad[:3]}")
+                out[st.endpoint.url] = 0.0
+            return out
+        from megatron_alp.rollout.probe import reference_model, verify_by_probe
+
+        if self.model_dir is None:
+            raise RuntimeError("--rl-verify-model-weights-swap: the fleet client was given no "
+                               "model folder (model=...) to build the reference from")
+        model, dtype = reference_model(self.model_dir, buckets)
+        for st in serving:
+            def gen(prompts, sp, ep=st.endpoint):
+                rows = [(i, 0, p) for i, p in enumerate(prompts)]
+                return ep.generate(rows, sp, timeout=self.request_timeout_s)[0]
+
+            out[st.endpoint.url] = verify_by_probe(gen, model, dtype, f"engine {st.endpoint.url}")
+        return out
+
     def _ensure_group(self, live: list[_EngineState]) -> list[_EngineState]:
         """The current group if its members are still the live engines, else a new epoch;
         an engine that fails to join is dropped and the group formed again without it
@@ -531,7 +574,7 @@ class FleetEngine:
                                  what="member count")
         world = 1 + sum(sizes)
         self._drop_sender()  # the previous epoch's communicator (its GPU buffers) goes
-        sender = self._sender_cls(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
+        sender = self._sender_class(live)(self.sync_host, port, world, timeout_s=self.sync_timeout_s)
         offsets = [1 + sum(sizes[:k]) for k in range(len(live))]
         ranks = {id(st): off for st, off in zip(live, offsets)}
         try:
@@ -544,6 +587,19 @@ class FleetEngine:
             raise
         self._sender = sender
         self._members = tuple((st.endpoint.url, st.instance) for st in live)
+
+    def _sender_class(self, live: list[_EngineState]) -> Any:
+        """gloo for twins and for vLLM's CPU backend (its workers say ``transport="gloo"``),
+        NCCL for vLLM on GPUs; a group must be one or the other."""
+        if self.backend == "twin":
+            return self._sender_cls
+        kinds = {getattr(st.endpoint, "transport", None) or "nccl" for st in live}
+        if len(kinds) > 1:
+            raise FleetError("fleet: the engines take different weight transports (GPU and CPU "
+                             "engines in one fleet): " + ", ".join(
+                                 f"{st.endpoint.url}: {getattr(st.endpoint, 'transport', None)}"
+                                 for st in live))
+        return GlooSender if kinds == {"gloo"} else self._sender_cls
 
     def _collective(self, live: list[_EngineState], call: Any, *, alongside: Any = None,
                     what: str) -> list[Any]:

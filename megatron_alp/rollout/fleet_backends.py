@@ -10,7 +10,9 @@ Two kinds of engine process, one interface (:class:`Endpoint`):
   ``/collective_rpc`` and ``/reset_prefix_cache``; vllm 0.10.2
   ``entrypoints/openai/api_server.py``, 0.33 ``entrypoints/serve/dev/``): OpenAI
   ``/v1/completions`` for generation, weights by NCCL (:class:`NcclSender`) into every
-  worker of the engine.
+  worker of the engine — or, for vLLM's CPU backend (the workers report
+  ``transport="gloo"``), by the twin's gloo broadcast, loaded at commit
+  (``vllm_worker.commit_weights``).
 
 Transport failures (connection refused or reset, timeouts, HTTP 5xx) raise
 :class:`EngineDown` — the client retries elsewhere; HTTP 4xx (a bad request, i.e. a bug
@@ -190,6 +192,7 @@ class VLLMEndpoint:
     def __init__(self, url: str, model: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.model = model
+        self.transport: str | None = None  # "nccl" (GPU workers) / "gloo" (CPU), from health()
 
     def health(self, *, timeout: float) -> dict[str, Any]:
         # vLLM has no weight version (the client tracks it) and no instance id: the
@@ -199,6 +202,10 @@ class VLLMEndpoint:
         http_json(self.url + "/health", timeout=timeout)
         infos = self._rpc("weight_sync_info", [], timeout=timeout)
         ids = sorted(str(r.get("instance")) for r in infos if isinstance(r, dict))
+        kinds = {str(r.get("transport", "nccl")) for r in infos if isinstance(r, dict)}
+        if len(kinds) > 1:
+            raise EngineError(f"{self.url}: its workers take different weight transports {sorted(kinds)}")
+        self.transport = kinds.pop() if kinds else None
         return dict(instance=",".join(ids) or None, weight_version=None)
 
     def generate(self, rows, sp, *, timeout):
@@ -254,6 +261,10 @@ class VLLMEndpoint:
         # api_router.py says "callers may retry". Still False after retry_s: the engine
         # is reported down (EngineDown), so it is marked stale and serves nothing until a
         # later sync succeeds, instead of the whole update failing with RuntimeError.
+        # CPU workers load everything they buffered now (one reload_weights: whole
+        # layers); GPU workers loaded each bucket as it came (nothing to do).
+        if self.transport == "gloo":
+            self._rpc("commit_weights", [], timeout=timeout)
         deadline = time.monotonic() + retry_s
         while True:
             ans = http_json(self.url + "/reset_prefix_cache", {}, timeout=timeout)

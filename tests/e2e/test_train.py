@@ -347,6 +347,7 @@ def test_trainer_with_a_fleet_of_two_twin_engines(group, assets, tmp_path):
         assets, tmp_path / "run", "--rl-loss", "grpo", "--rl-rollout-dtype", "fp32",
         "--tensor-model-parallel-size", "2", "--train-iters", "3",
         "--rl-rollout-engine", "fleet", "--rl-fleet-engines", "2",
+        "--rl-verify-model-weights-swap",  # twins: sha256 per tensor after every sync
     ))
     hist = out["history"]
     assert [h["step"] for h in hist] == [1, 2, 3]

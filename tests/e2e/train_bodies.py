@@ -27,6 +27,14 @@ def build_assets(out: Path) -> Path:
     return out
 
 
+def build_vllm_assets(out: Path) -> Path:
+    """``build_assets`` with a model vLLM's CPU attention runs (hidden 64, 2 heads of 32)."""
+    out.mkdir(parents=True, exist_ok=True)
+    prepare_module().build(out, seed=0, target=0.3, layers=2, hidden=64, heads=2, kv_heads=2,
+                           warmup_max_steps=60)
+    return out
+
+
 def base_argv(assets: Path, run_dir: Path, *extra: str) -> list[str]:
     """Common trainer flags for the tests: 8 prompts x 4 samples, 2 mini-batches per step."""
     return [

