@@ -135,7 +135,7 @@ def engine_kwargs(
         )
     kw: dict[str, Any] = dict(
         model=model,
-        dtype=_VLLM_DTYPES.get(dtype, dtype),
+        dtype="bfloat16" if dtype == "fp8" else _VLLM_DTYPES.get(dtype, dtype),
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
@@ -145,6 +145,8 @@ def engine_kwargs(
         enable_sleep_mode=colocate,
         seed=seed,
     )
+    if dtype == "fp8":  # --rl-rollout-dtype fp8: vLLM's online FP8 of the BF16 weights
+        kw["quantization"] = "fp8"
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     kw.update(extra)

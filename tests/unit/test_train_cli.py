@@ -51,7 +51,7 @@ BAD = [
     ("yaml-train-unknown-key", lambda t: ["--config", _yaml(t, "train:\n  micro_batch_sise: 8\n")],
      "cfg.yaml: train.micro_batch_sise is not a trainer flag (--micro-batch-sise); did you mean --micro-batch-size?"),
     ("invalid-choice", ["--rl-rollout-dtype", "fp16"],
-     "argument --rl-rollout-dtype: invalid choice: 'fp16' (choose from 'bf16', 'fp32')"),
+     "argument --rl-rollout-dtype: invalid choice: 'fp16' (choose from 'bf16', 'fp32', 'fp8')"),
     ("yaml-alp-unknown-key", lambda t: ["--config", _yaml(t, "alp:\n  init_stdd: 0.001\n")],
      "cfg.yaml: alp.init_stdd is not a field of ALPConfig (did you mean init_std?)"),
     ("negative-lr-and-min-lr", ["--lr", "-1", "--min-lr", "-2"], "--lr=-1.0 is invalid; expected a learning rate >= 0"),
