@@ -133,6 +133,24 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _progress(cell_dir: Path) -> tuple[int, int | None]:
+    """The last step in the cell's ``metrics.jsonl`` and the run's ``train_iters`` (its
+    ``config.json``): a run stopped early (a signal, ``--exit-interval``) exits 0 too."""
+    last = 0
+    m = cell_dir / "metrics.jsonl"
+    if m.is_file():
+        for line in m.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line).get("step", 0)))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                pass
+    want = None
+    c = cell_dir / "config.json"
+    if c.is_file():
+        want = json.loads(c.read_text()).get("train_iters")
+    return last, want
+
+
 def run_cell(cell: Cell, ns: argparse.Namespace, num_layers: int) -> dict:
     """Run (or resume, or skip) one cell; returns its ``cell.json`` record."""
     cell_dir = Path(ns.out) / "cells" / cell.name
@@ -152,8 +170,10 @@ def run_cell(cell: Cell, ns: argparse.Namespace, num_layers: int) -> dict:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
     wall = time.time() - t0
     prev = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
-    rec = dict(cell=cell.name, **dataclasses.asdict(cell), command=cmd, rc=rc,
-               finished=rc == 0, wall_s=round(wall + prev.get("wall_s", 0.0), 3),
+    last, want = _progress(cell_dir)
+    rec = dict(cell=cell.name, **dataclasses.asdict(cell), command=cmd, rc=rc, last_step=last,
+               train_iters=want, finished=rc == 0 and want is not None and last >= want,
+               wall_s=round(wall + prev.get("wall_s", 0.0), 3),
                attempts=prev.get("attempts", 0) + 1)
     _write_json(rec_path, rec)
     return rec
@@ -226,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                 done += 1
                 state = "skipped (finished)" if rec.get("skipped") else (
                     f"done in {rec['wall_s']:.1f} s" if rec["finished"] else
-                    f"FAILED rc={rec['rc']} (see {out / 'cells' / rec['cell'] / 'train.log'})")
+                    f"not finished: rc={rec['rc']}, step {rec['last_step']}/{rec['train_iters']} "
+                    f"(see {out / 'cells' / rec['cell'] / 'train.log'}; run again to resume)")
                 print(f"[study] {done}/{len(cells)} {rec['cell']}: {state}", flush=True)
         print(f"[study] {len(cells)} cell(s) in {time.time() - t0:.1f} s", flush=True)
     from report import write_report  # examples/study/report.py
 
-    files = write_report(out, cells, kl_threshold=ns.kl_threshold)
+    files = write_report(out, kl_threshold=ns.kl_threshold)  # every cell of the study folder
     print(f"[study] report: {', '.join(str(f) for f in files)}", flush=True)
     failed = [c.name for c in cells
               if not json.loads(((out / "cells" / c.name / "cell.json").read_text())

@@ -83,22 +83,29 @@ def _metrics(cell_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_one_cell_twice_gives_equal_metrics_and_a_two_cell_study_reports(assets, tmp_path):
+def test_a_killed_cell_resumes_to_the_same_metrics_and_a_two_cell_study_reports(assets, tmp_path):
+    """One cell run twice from scratch-equivalent starts: in ``a`` it is stopped after step 1
+    (``--exit-interval 1``) and resumed by the next call, in ``b`` it runs through; the
+    metrics must be exactly equal (every metric but the timings)."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(TEST_CONFIG)
     a, b = tmp_path / "a", tmp_path / "b"
     cell = "fp8-k4/seq-alp/all/s1"
+    first = _study(assets, a, cell, cfg, "--", "--exit-interval", "1")
+    assert first.returncode == 1 and "not finished" in first.stdout, first.stdout[-3000:] + first.stderr[-3000:]
+    rec = json.loads((a / "cells" / cell / "cell.json").read_text())
+    assert rec["finished"] is False and rec["last_step"] == 1 and rec["train_iters"] == 2
     pa = _study(assets, a, f"{cell},fp8-k4/grpo/all/s1", cfg)
     assert pa.returncode == 0, pa.stdout[-3000:] + pa.stderr[-3000:]
+    assert "--load" in json.loads((a / "cells" / cell / "cell.json").read_text())["command"]  # resumed
     pb = _study(assets, b, cell, cfg)
     assert pb.returncode == 0, pb.stdout[-3000:] + pb.stderr[-3000:]
     ma, mb = _metrics(a / "cells" / cell), _metrics(b / "cells" / cell)
-    assert len(ma) == 2 and ma == mb  # exactly equal, every metric but the timings
+    assert len(ma) == 2 and ma == mb
     assert "mismatch/layer_00" in ma[0] and ma[0]["mismatch/layer_00"] > 0  # fp8 rollouts measured
-    # a finished cell is skipped
+    # a finished cell is skipped; the report covers every cell of the folder
     again = _study(assets, a, cell, cfg)
     assert again.returncode == 0 and "skipped (finished)" in again.stdout
-    # the report: both cells, the paired column, plots
     rep = (a / "report" / "report.md").read_text()
     summ = json.loads((a / "report" / "summary.json").read_text())
     assert set(summ) == {cell, "fp8-k4/grpo/all/s1"}
