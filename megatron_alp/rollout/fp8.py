@@ -15,9 +15,10 @@ What is emulated, stated exactly:
 
 What is not emulated: the FP8 GEMM's own accumulation order (an H100 kernel accumulates
 the FP8 x FP8 products in FP32 and scales once; here the dequantised BF16 operands go
-through torch's BF16 matmul), and the scale granularity a given vLLM kernel picks
-(vLLM's online ``quantization="fp8"`` may use per-tensor scales where this uses
-per-channel / per-token ones). The emulation therefore shows FP8-sized rounding of
+through torch's BF16 matmul), and vLLM's scale granularity: its online
+``quantization="fp8"`` uses one weight scale per tensor (vLLM 0.32 maps it to
+``fp8_per_tensor``: ``vllm/model_executor/model_loader/weight_utils.py``,
+``get_quant_config``) where this uses per-channel / per-token ones. The emulation therefore shows FP8-sized rounding of
 weights and activations, not bit-exact vLLM FP8 output.
 
 The model keeps its BF16 weights as the parameters (weight updates copy into them as

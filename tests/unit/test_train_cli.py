@@ -58,6 +58,8 @@ BAD = [
     ("unknown-flag", ["--micro-batch-sise", "8"], "unknown flag --micro-batch-sise; did you mean --micro-batch-size?"),
     # already refused before (tests/e2e/test_train.py's table), now also one line
     ("unknown-loss", ["--rl-loss", "nope"], "valid names"),
+    ("negative-mismatch-interval", ["--rl-mismatch-by-layer-interval", "-1"],
+     "--rl-mismatch-by-layer-interval=-1 is invalid; expected >= 0 (0: off)"),
     ("no-alp-with-alp-loss", ["--rl-loss", "token-alp", "--no-alp"], "contradicts --rl-loss token-alp"),
     ("gbs-not-multiple", ["--global-batch-size", "3"], "must be a multiple of --global-batch-size=3"),
     ("tp-not-dividing-heads", ["--tensor-model-parallel-size", "3", "--nproc", "3"],
