@@ -9,7 +9,8 @@ ablation, each cell one run of the trainer's public CLI, then the report.
 Cells (``CONDITION/PRESET/LAYERS/sSEED``):
 
 * model and task: the tiny CPU example's (``examples/tiny_cpu/prepare.py``), built with
-  ``--asset-layers`` (6) decoder layers when ``--assets`` has none;
+  ``--asset-layers`` (6) decoder layers on ``--asset-task`` (``sum3-mod10``, the last digit
+  of a sum of three digits) when ``--assets`` has none;
 * conditions: ``bf16-k0`` (BF16 rollouts, ``--rl-generation-lag 0``), ``bf16-k4`` (lag 4),
   ``fp8-k4`` (``--rl-rollout-dtype fp8``, lag 4);
 * presets: the ten shipped ones; seeds 1..5 for grpo, token-mis, token-alp, seq-alp, 1..3
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asset-layers", type=int, default=6,
                    help="decoder layers of the tiny model built when --assets is missing (default 6: "
                         "the ablation's thirds are 2 layers each)")
+    p.add_argument("--asset-task", default="sum3-mod10", choices=("sums", "sum3-mod10"),
+                   help="the task of the assets built when --assets is missing (default sum3-mod10: "
+                        "docs/results.md says why)")
+    p.add_argument("--warmup-max-steps", type=int, default=150,
+                   help="warm-up cap of the assets built when --assets is missing (default 150)")
     p.add_argument("--config", default=str(HERE / "base.yaml"), help="the trainer's base --config")
     p.add_argument("--cells", default=None, help="comma-separated globs on cell names, e.g. "
                    "'bf16-k0/grpo/*,fp8-k4/*/logits/s1' (default: all)")
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     ns.trainer_args = extra
     ns.assets = Path(ns.assets or f"{str(ns.out).rstrip('/')}-assets")
-    for flag, v in (("--asset-layers", ns.asset_layers), ("--max-seeds", ns.max_seeds), ("--train-iters", ns.train_iters),
+    for flag, v in (("--asset-layers", ns.asset_layers), ("--warmup-max-steps", ns.warmup_max_steps), ("--max-seeds", ns.max_seeds), ("--train-iters", ns.train_iters),
                     ("--save-interval", ns.save_interval), ("--jobs", ns.jobs)):
         if v is not None and v < 1:
             print(f"error: {flag}={v} is invalid; expected >= 1", file=sys.stderr)
@@ -232,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (ns.assets / "model" / "config.json").is_file():
             print(f"[study] building the tiny assets in {ns.assets} ...", flush=True)
             subprocess.check_call([sys.executable, str(REPO / "examples/tiny_cpu/prepare.py"),
-                                   "--out", str(ns.assets), "--layers", str(ns.asset_layers)])
+                                   "--out", str(ns.assets), "--layers", str(ns.asset_layers),
+                                   "--task", ns.asset_task, "--warmup-max-steps", str(ns.warmup_max_steps)])
         num_layers = json.loads((ns.assets / "model" / "config.json").read_text())["num_hidden_layers"]
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
