@@ -185,7 +185,8 @@ def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
             if log:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
         _save(fig, out / fname)
         plt.close(fig)
         written.append(out / fname)
@@ -225,7 +226,8 @@ def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
         for a in (a1, a2):
             a.set_xlabel("decoder layer")
             a.grid(alpha=0.3)
-            a.legend(fontsize=6)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=6)
         _save(fig, out / "layer_mismatch.png")
         plt.close(fig)
         written.append(out / "layer_mismatch.png")
