@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "--out", str(ns.assets), "--layers", str(ns.asset_layers),
                                    "--task", ns.asset_task, "--warmup-max-steps", str(ns.warmup_max_steps)])
         num_layers = json.loads((ns.assets / "model" / "config.json").read_text())["num_hidden_layers"]
+        thirds = sorted({c.layers for c in cells} & {"first", "middle", "last"})
+        if thirds and num_layers < 3:
+            print(f"error: --assets {ns.assets}: the model has {num_layers} decoder layer(s); the "
+                  f"ablation's thirds ({', '.join(thirds)}) need >= 3 (build assets with "
+                  "--asset-layers 6, or leave those cells out with --cells)", file=sys.stderr)
+            return 2
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         done = 0
