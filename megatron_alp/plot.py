@@ -4,7 +4,9 @@ Writes PNGs into ``RUN_DIR/plots/`` (replacing only the PNGs this command wrote;
 ``plots/`` in a folder the trainer did not write, no ``.megatron-alp-run`` marker, is refused):
 ``reward.png`` (mean score), ``response_length.png``, ``mismatch.png`` (ratio tail
 quantiles q99 / q99.9 / max and ``rollout_corr/kl`` / ``k3_kl`` on log scales),
-``sigma.png`` (ALP sigma per layer), ``eval.png`` (validation mean@n and pass@k).
+``sigma.png`` (ALP sigma per layer), ``eval.png`` (validation mean@n and pass@k),
+``layer_mismatch.png`` (``mismatch/layer_NN`` beside ``alp/sigma/layer_NN``, last
+measured step; with ``--rl-mismatch-by-layer-interval``).
 A metric that the run did not log is skipped; exit 2 with a message when there is no
 ``metrics.jsonl`` or it holds no step.
 """
@@ -123,9 +125,45 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     plt.close(fig)
     sigma_keys = sorted({k for r in rows for k in r if k.startswith("alp/sigma/layer_")})
     simple("sigma.png", "ALP sigma per layer", [(k, k.rsplit("/", 1)[-1]) for k in sigma_keys], log=True)
+    layer_mismatch_plot(plt, rows, out_dir / "layer_mismatch.png", written)
     val_keys = sorted({k for r in rows for k in r if k.startswith("val/")})
     simple("eval.png", "evaluation", [(k, k[4:]) for k in val_keys])
     return written
+
+
+def layer_profiles(rows: list[dict]) -> tuple[int | None, list[float], list[float]]:
+    """The last step that logged ``mismatch/layer_NN``, its per-layer mismatch and the
+    ``alp/sigma/layer_NN`` of that step (empty when ALP is off)."""
+    last = next((r for r in reversed(rows) if any(k.startswith("mismatch/layer_") for k in r)), None)
+    if last is None:
+        return None, [], []
+    mm = [last[k] for k in sorted(k for k in last if k.startswith("mismatch/layer_"))]
+    sg = [last[k] for k in sorted(k for k in last if k.startswith("alp/sigma/layer_"))]
+    return int(last["step"]), mm, sg
+
+
+def layer_mismatch_plot(plt, rows: list[dict], path: Path, written: list[Path]) -> None:
+    """``layer_mismatch.png``: per-layer engine-vs-FP32 divergence (last measured step)
+    beside the learned sigma profile of the same step."""
+    step, mm, sg = layer_profiles(rows)
+    if step is None:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a1.bar(range(len(mm)), mm, color="tab:red")
+    a1.set_title(f"engine vs FP32 divergence per layer (step {step})")
+    a1.set_xlabel("decoder layer")
+    a1.set_ylabel("||h_engine - h_fp32|| / ||h_fp32||")
+    if sg:
+        a2.bar(range(len(sg)), sg, color="tab:blue")
+        a2.set_title(f"learned ALP sigma per layer (step {step})")
+    else:
+        a2.set_title("ALP off in this run: no sigma")
+    a2.set_xlabel("layer")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    written.append(path)
 
 
 def main(argv: list[str] | None = None) -> int:

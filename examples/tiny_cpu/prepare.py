@@ -79,8 +79,20 @@ def build_tokenizer(corpus: list[str]):
     return fast
 
 
-def task_rows() -> tuple[list[dict], list[dict]]:
-    """The 55 sums a+b <= 9 of two digits (train) and every third of them (eval)."""
+TASKS = ("sums", "sum3-mod10")
+
+
+def task_rows(task: str = "sums") -> tuple[list[dict], list[dict]]:
+    """``sums``: the 55 sums a+b <= 9 of two digits (train) and every third of them (eval).
+    ``sum3-mod10``: the last digit of a sum of three digits, ``(a+b+c)%10=?``, all 1000
+    (train) and every 20th (eval): more prompts than a 50-step run of 16 prompts sees, and
+    an answer no single digit of the prompt gives away (the harder task for the study)."""
+    if task == "sum3-mod10":
+        train = [{"prompt": f"({a}+{b}+{c})%10=?", "answer": str((a + b + c) % 10)}
+                 for a in range(10) for b in range(10) for c in range(10)]
+        return train, train[::20]
+    if task != "sums":
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
     train = [{"prompt": f"{a}+{b}=?", "answer": str(a + b)} for a in range(10) for b in range(10 - a)]
     return train, train[::3]
 
@@ -153,7 +165,7 @@ def warm_up(model, tokenizer, rows, *, p_correct: float, lr: float, max_steps: i
 
 def build(
     out: Path, *, seed: int, target: float, layers: int, hidden: int, warmup_max_steps: int = 3000,
-    heads: int = 4, kv_heads: int = 2,
+    heads: int = 4, kv_heads: int = 2, task: str = "sums",
 ) -> dict:
     """Write the assets into ``out`` (an existing folder); ``warmup_max_steps`` caps the warm-up.
 
@@ -169,7 +181,7 @@ def build(
 
     hf_logging.disable_progress_bar()  # one-shard save of a 0.1 MB model: no bar needed
 
-    train, evals = task_rows()
+    train, evals = task_rows(task)
     corpus = [
         f"<|im_start|>user\n{r['prompt']}<|im_end|>\n<|im_start|>assistant\n{BOXED}{r['answer']}}}<|im_end|>\n"
         for r in train
@@ -200,7 +212,7 @@ def build(
         with open(out / name, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    info = dict(seed=seed, warmup_steps=steps, warmup_mean_p_correct=p, warmup_modal_fraction=modal,
+    info = dict(task=task, seed=seed, warmup_steps=steps, warmup_mean_p_correct=p, warmup_modal_fraction=modal,
                 layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads)
     (out / STAMP).write_text(json.dumps(info) + "\n")
     return info
@@ -218,7 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="attention heads (default 4: head size 16; vLLM's CPU attention needs "
                         ">= 32, i.e. --heads 2 at hidden 64)")
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
+    p.add_argument("--task", default="sums", choices=TASKS,
+                   help="sums (the main job's) or sum3-mod10 (the study's harder task; default sums)")
+    p.add_argument("--warmup-max-steps", type=int, default=3000,
+                   help="cap on the warm-up's steps (default 3000)")
     ns = p.parse_args(argv)
+    if ns.warmup_max_steps < 1:
+        p.error(f"--warmup-max-steps must be >= 1, got {ns.warmup_max_steps}")
     if not 0 < ns.warmup_target < 1:
         p.error(f"--warmup-target must be in (0, 1), got {ns.warmup_target}")
     if ns.heads < 1 or ns.kv_heads < 1 or ns.hidden % ns.heads or ns.heads % ns.kv_heads:
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         info = build(tmp, seed=ns.seed, target=ns.warmup_target, layers=ns.layers, hidden=ns.hidden,
-                     heads=ns.heads, kv_heads=ns.kv_heads)
+                     heads=ns.heads, kv_heads=ns.kv_heads, warmup_max_steps=ns.warmup_max_steps, task=ns.task)
         os.rename(tmp, out)  # atomic; fails if --out appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

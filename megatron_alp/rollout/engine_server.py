@@ -160,6 +160,7 @@ class EngineServer:
         params = {n for n, _ in self.engine.model.named_parameters()}
         missing = sorted(params - self._seen)
         self._seen = set()
+        self.engine.weights_loaded()  # broadcasts into p.data bypass update_weights
         if missing:
             raise ValueError(f"weight update did not send {len(missing)} parameter(s): {missing[:8]}")
         self.weight_version = int(body["version"])
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (like vLLM) or float32")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (like vLLM), float32, or fp8 (the W8A8 emulation, docs/rollout.md)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)

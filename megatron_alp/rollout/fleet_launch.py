@@ -132,7 +132,7 @@ def engine_command(
                 "--generation-config", "vllm",
                 "--worker-extension-cls", "megatron_alp.rollout.vllm_worker.WeightSyncExtension",
                 "--enable-prefix-caching", "--tensor-parallel-size", str(gpus_per_engine),
-                "--seed", str(seed), *extra]
+                "--seed", str(seed), *(["--quantization", "fp8"] if dtype == "fp8" else []), *extra]
     raise ValueError(f"fleet backend {backend!r} is not one of ('twin', 'vllm')")
 
 

@@ -2,7 +2,8 @@
 
 The default on CPU and in tests, and handy for debugging on one GPU. It samples with
 vLLM's semantics (``sampling.py``) and reports processed log-probs, in BF16 by default
-like a vLLM fleet (fp32 allowed). Weight updates load the same HF-named stream that the
+like a vLLM fleet (fp32 allowed; ``fp8`` is BF16 with every decoder linear layer run
+through the W8A8 FP8 emulation of ``fp8.py``). Weight updates load the same HF-named stream that the
 vLLM engine receives.
 """
 
@@ -19,12 +20,14 @@ from megatron_alp.rollout.base import (
     WeightBucket,
     register_engine,
 )
+from megatron_alp.rollout.fp8 import drop_fp8_cache, quantize_linears
 from megatron_alp.rollout.sampling import completion_seed, process_logits, sample
 
 __all__ = ["LocalEngine"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
            "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+_FP8 = ("fp8",)
 
 
 _row_seed = completion_seed  # the per-completion seed, shared with every engine
@@ -51,9 +54,13 @@ class LocalEngine:
     ) -> None:
         from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+        fp8 = dtype in _FP8
+        if fp8:
+            dtype = torch.bfloat16  # the compute dtype around the emulated FP8 linears
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
-                raise ValueError(f"LocalEngine dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+                raise ValueError(
+                    f"LocalEngine dtype {dtype!r} is not one of {sorted(_DTYPES) + sorted(_FP8)}")
             dtype = _DTYPES[dtype]
         if isinstance(model, PreTrainedModel):
             hf = model
@@ -67,6 +74,7 @@ class LocalEngine:
                 f"PreTrainedModel, got {type(model).__name__}"
             )
         self.model = hf.to(device=device, dtype=dtype).eval()
+        self.fp8_linears = quantize_linears(self.model) if fp8 else []
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_batch_size = max_batch_size
@@ -196,8 +204,15 @@ class LocalEngine:
         missing = sorted(set(params) - seen)
         if strict and missing:
             raise ValueError(f"weight stream did not send {len(missing)} parameter(s): {missing[:8]}")
+        self.weights_loaded()
         self.weight_version += 1
         return dict(tensors=len(seen), bytes=n_bytes, seconds=time.perf_counter() - t0)
+
+    def weights_loaded(self) -> None:
+        """The parameters changed (however they were written): rebuild derived state (the
+        FP8 emulation's quantised weights)."""
+        if self.fp8_linears:
+            drop_fp8_cache(self.model)
 
     def close(self) -> None:
         """Drop the model."""

@@ -140,7 +140,11 @@ the engine core at its first forward."""
 
 
 def vllm_dtype(dtype: str) -> str:
-    """vLLM's ``--dtype`` for ours (``bf16`` / ``fp32`` / ``fp16`` or vLLM's own names)."""
+    """vLLM's ``--dtype`` for ours (``bf16`` / ``fp32`` / ``fp16`` or vLLM's own names;
+    ``fp8`` runs BF16 activations over online-quantised FP8 weights: ``--dtype bfloat16``
+    plus ``quantization="fp8"``)."""
+    if dtype == "fp8":
+        return "bfloat16"
     return _VLLM_DTYPES.get(dtype, dtype)
 
 
@@ -204,6 +208,8 @@ def engine_kwargs(
     if cpu:
         kw.update(enforce_eager=True, kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,
                   enable_chunked_prefill=False)
+    if dtype == "fp8":  # --rl-rollout-dtype fp8: vLLM's online FP8 of the BF16 weights
+        kw["quantization"] = "fp8"
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     kw.update(extra)

@@ -58,7 +58,7 @@ class RunConfig:
     rollout_engine: str
     """Rollout engine name (``megatron_alp.rollout`` registry)."""
     rollout_dtype: str
-    """Engine precision: bf16 (like a vLLM fleet) or fp32 (parity checks)."""
+    """Engine precision: bf16 (like a vLLM fleet), fp32 (parity checks) or fp8."""
     prompts_per_step: int
     """Prompts per RL step (``--grpo-prompts-per-step``)."""
     group_size: int
@@ -106,6 +106,8 @@ class RunConfig:
     """Wall-clock limit of one program (``SandboxLimits.timeout_s``; local pool only)."""
     sandbox_memory_mb: int = 1024
     """Address-space limit of one program, MiB (``SandboxLimits.memory_mb``; local pool only)."""
+    mismatch_by_layer_interval: int = 0
+    """Every N steps log ``mismatch/layer_NN`` (``megatron_alp.train.layer_mismatch``); 0: off."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -195,6 +197,7 @@ def _run_config(args: Any, *, max_prompt: int, estimator: str, run_dir: Path) ->
         sandbox_concurrency=args.rl_sandbox_concurrency,
         sandbox_timeout_s=float(args.rl_sandbox_timeout_s),
         sandbox_memory_mb=args.rl_sandbox_memory_mb,
+        mismatch_by_layer_interval=args.rl_mismatch_by_layer_interval,
     )
 
 

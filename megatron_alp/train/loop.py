@@ -142,7 +142,7 @@ class Trainer:
                            source=f"--rl-eval-data {run.eval_data}")
             if self.eval_set is not None else None
         )
-        dtype = "float32" if run.rollout_dtype == "fp32" else "bfloat16"
+        dtype = {"fp32": "float32", "fp8": "fp8"}.get(run.rollout_dtype, "bfloat16")
         kwargs: dict[str, Any] = dict(model=str(run.hf_model), dtype=dtype, **run.engine_kwargs)
         if run.rollout_engine == "local":
             kwargs["device"] = str(platform.device())
@@ -502,6 +502,13 @@ class Trainer:
         if self.interrupted_in is None or run.generation_lag:  # lag: keep the saved chain whole
             self.sync_weights()
         timing["update_weights"] = time.perf_counter() - t0
+        layer_mm = {}
+        if run.mismatch_by_layer_interval and self.step % run.mismatch_by_layer_interval == 0:
+            from megatron_alp.train.layer_mismatch import measure_in_trainer
+
+            t0 = time.perf_counter()
+            layer_mm = measure_in_trainer(self, samples)  # collective; rank 0 gets the metrics
+            timing["mismatch_by_layer"] = time.perf_counter() - t0
 
         # the loss metrics live on the last stage; everything else is the same on every rank
         metrics = _broadcast(metrics if self.rank == self.metrics_owner else None, src=self.metrics_owner)
@@ -517,6 +524,7 @@ class Trainer:
             metrics["response_length/clip_ratio"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
             metrics["data/epoch"] = float(self.sampler.epoch)
             metrics.update(self.rollout_metrics)  # multiturn/* (empty when single-turn)
+            metrics.update(layer_mm)  # mismatch/layer_NN (--rl-mismatch-by-layer-interval)
             # identifies the sampled tokens (layout-invariance and resume checks)
             metrics["rollout/checksum"] = float(sum(
                 (k + 1) * sum((j + 1) * (t + 1) for j, t in enumerate(s.response_ids))

@@ -11,7 +11,7 @@ from megatron_alp.train.args.common import given, positive, value
 __all__ = ["ROLLOUT_DTYPES", "add_run_flags", "check_run", "engine_sleep_level", "hf_config",
            "fill_model_args", "input_paths"]
 
-ROLLOUT_DTYPES = ("bf16", "fp32")
+ROLLOUT_DTYPES = ("bf16", "fp32", "fp8")
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="rollout engine registry name: local (HF transformers in-process, the CPU "
                         "default), fleet, vllm, ... (default: local)")
     g.add_argument("--rl-rollout-dtype", default="bf16", choices=ROLLOUT_DTYPES,
-                   help="rollout engine precision: bf16 (like a vLLM fleet) or fp32 (default: bf16)")
+                   help="rollout engine precision: bf16 (like a vLLM fleet), fp32, or fp8 (vLLM: "
+                        "quantization=fp8 on BF16 weights; local engine: W8A8 e4m3 emulation, "
+                        "docs/rollout.md) (default: bf16)")
     g.add_argument("--rl-engine-sleep-level", default="auto", choices=("auto", "0", "1", "2"),
                    help="a colocated engine (--rl-rollout-engine vllm) frees its GPU memory while "
                         "the trainer trains: 1 offloads its weights to host memory, 2 drops them "
@@ -51,6 +53,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "--rl-eval-data is given; default 0)")
     g.add_argument("--rl-eval-samples", type=int, default=4, metavar="N",
                    help="completions per eval prompt (mean@n and unbiased pass@k; default 4)")
+    g.add_argument("--rl-mismatch-by-layer-interval", type=int, default=0, metavar="N",
+                   help="every N RL steps log mismatch/layer_NN: each decoder layer's relative "
+                        "output divergence, engine numerics (--rl-rollout-dtype) vs FP32, on the "
+                        "step's tokens (docs/train.md; 0: off, the default)")
     g.add_argument("--rl-advantage-estimator", default=None, metavar="NAME",
                    help="advantage estimator (grpo, grpo-no-std, rloo; default: the preset's, grpo)")
     g.add_argument("--rl-run-dir", default=None, metavar="DIR",
@@ -117,6 +123,9 @@ def check_run(args: argparse.Namespace) -> None:
             positive(flag, value(args, flag))
     if args.rl_eval_interval < 0:
         raise ValueError(f"--rl-eval-interval={args.rl_eval_interval} is invalid; expected >= 0")
+    if args.rl_mismatch_by_layer_interval < 0:
+        raise ValueError(f"--rl-mismatch-by-layer-interval={args.rl_mismatch_by_layer_interval} is "
+                         "invalid; expected >= 0 (0: off)")
 
 
 def check_registries(args: argparse.Namespace, cfg_data: dict) -> str:

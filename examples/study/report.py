@@ -1,0 +1,299 @@
+"""The study's report, computed from the cells' ``metrics.jsonl`` (nothing typed in):
+
+    python examples/study/report.py --out runs/study     (also run by study.py)
+
+Writes ``OUT/report/report.md``, ``OUT/report/summary.json`` (one record per cell) and
+``OUT/report/*.png``. Definitions (also printed in the report):
+
+* final reward: the mean of ``critic/score/mean`` over the last ``FINAL_WINDOW`` steps;
+  mean +- sample std over seeds and the 95 % t interval of the mean;
+* eval: the last evaluation's ``val/*/mean@n`` and ``pass@k`` (mean over seeds);
+* ratio tail: the largest ``is_ratio/q999`` and ``is_ratio/max`` of the run (mean over
+  seeds of each run's maximum; the max column also gives the largest over seeds);
+* KL steps: steps whose ``actor/ppo_kl`` exceeds ``--kl-threshold`` (mean over seeds);
+* sigma range: min / max over seeds of the last step's ``alp/sigma_min`` / ``_max``;
+* vs GRPO: the paired t-test of the final reward against grpo's on the same seeds in the
+  same condition (the same seed gives the same first rollouts), difference, t and p.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import mean_ci, paired_t  # noqa: E402
+
+FINAL_WINDOW = 5
+__all__ = ["FINAL_WINDOW", "cell_summary", "write_report"]
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(r, dict) and "step" in r:
+            rows.append(r)
+    by_step = {r["step"]: r for r in rows}  # a resumed run re-logs nothing twice, but be safe
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _finite(xs: Iterable[Any]) -> list[float]:
+    return [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+
+
+def _find(obj: Any, key: str) -> Any:
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            r = _find(v, key)
+            if r is not None:
+                return r
+    return None
+
+
+def cell_summary(cell_dir: Path, kl_threshold: float) -> dict | None:
+    """One cell's numbers (None when it logged no step)."""
+    mpath = cell_dir / "metrics.jsonl"
+    if not mpath.is_file():
+        return None
+    rows = _rows(mpath)
+    if not rows:
+        return None
+    score = _finite(r.get("critic/score/mean") for r in rows)
+    final = score[-FINAL_WINDOW:]
+    evals = [r for r in rows if any(k.startswith("val/") for k in r)]
+    last_eval = {k: v for k, v in evals[-1].items() if k.startswith("val/")} if evals else {}
+    q999 = _finite(r.get("is_ratio/q999") for r in rows)
+    rmax = _finite(r.get("is_ratio/max") for r in rows)
+    kl = _finite(r.get("actor/ppo_kl") for r in rows)
+    last = rows[-1]
+    cfg = json.loads((cell_dir / "config.json").read_text()) if (cell_dir / "config.json").is_file() else {}
+    rec = json.loads((cell_dir / "cell.json").read_text()) if (cell_dir / "cell.json").is_file() else {}
+    mm = {k: v for k, v in next((r for r in reversed(rows) if any(k.startswith("mismatch/") for k in r)), {}).items()
+          if k.startswith("mismatch/")}
+    sig = {k: v for k, v in last.items() if k.startswith("alp/sigma/layer_")}
+    return dict(
+        steps=len(rows), last_step=last["step"],
+        final_reward=sum(final) / len(final) if final else math.nan,
+        eval=last_eval,
+        ratio_q999_max=max(q999) if q999 else math.nan,
+        ratio_max=max(rmax) if rmax else math.nan,
+        kl_steps=sum(k > kl_threshold for k in kl),
+        sigma_min=last.get("alp/sigma_min"), sigma_max=last.get("alp/sigma_max"),
+        rollout_corr_kl=_finite(r.get("rollout_corr/kl") for r in rows),
+        step_s_median=_median(_finite(r.get("timing_s/step") for r in rows)),
+        wall_s=rec.get("wall_s"),
+        rejected_tokens=_find(cfg, "is_rejected_tokens"),
+        is_correction=_find(cfg, "is_correction"),
+        mismatch=mm, sigma=sig,
+        curves={k: [r.get(k) for r in rows] for k in ("critic/score/mean", "is_ratio/q999", "actor/ppo_kl")},
+    )
+
+
+def _median(xs: list[float]) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _group_table(groups: dict, keys: list, base: dict | None, title_key: str) -> list[str]:
+    lines = [f"| {title_key} | seeds | final reward mean +- std | 95 % CI | eval (last) | ratio q99.9 max | "
+             "ratio max (mean / largest) | KL steps | sigma range (final) | s/step | vs GRPO: diff, t, p (n) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        cells = groups[key]
+        fr = [c["final_reward"] for c in cells]
+        m, sd, lo, hi = mean_ci(fr)
+        ev = defaultdict(list)
+        for c in cells:
+            for k, v in c["eval"].items():
+                ev[k.rsplit("/", 1)[-1]].append(v)
+        evs = ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(ev.items()))
+        q = [c["ratio_q999_max"] for c in cells]
+        rm = [c["ratio_max"] for c in cells]
+        kls = [c["kl_steps"] for c in cells]
+        smin = _finite(c["sigma_min"] for c in cells)
+        smax = _finite(c["sigma_max"] for c in cells)
+        sig = f"{min(smin):.2e} .. {max(smax):.2e}" if smin and smax else "-"
+        step_s = _median(_finite(c["step_s_median"] for c in cells))
+        vs = "-"
+        if base is not None and key[1] != "grpo" and (key[0], "grpo", "all") in base:
+            ref = {c["seed"]: c["final_reward"] for c in base[(key[0], "grpo", "all")]}
+            pairs = [(c["final_reward"], ref[c["seed"]]) for c in cells if c["seed"] in ref]
+            if pairs:
+                d, t, p, n = paired_t([a for a, _ in pairs], [b for _, b in pairs])
+                vs = f"{_f(d, '+.3f')}, {_f(t, '.2f')}, {_f(p, '.3f')} ({n})"
+        name = key[1] if title_key == "preset" else f"{key[1]} / {key[2]}"
+        conv = {c["rejected_tokens"] for c in cells if c.get("is_correction") == "mis"}
+        if conv:
+            name += f" (MIS rejected tokens: {'/'.join(sorted(map(str, conv)))})"
+        lines.append(
+            f"| {name} | {len(cells)} | {_f(m)} +- {_f(sd)} | [{_f(lo)}, {_f(hi)}] | {evs or '-'} | "
+            f"{_f(sum(q) / len(q), '.3g')} | {_f(sum(rm) / len(rm), '.3g')} / {_f(max(rm), '.3g')} | "
+            f"{_f(sum(kls) / len(kls), '.1f')} | {sig} | {_f(step_s, '.2f')} | {vs} |")
+    return lines
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_suffix(".part.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    for metric, fname, log in (("critic/score/mean", "reward.png", False),
+                               ("is_ratio/q999", "ratio_q999.png", True),
+                               ("actor/ppo_kl", "ppo_kl.png", False)):
+        fig, axes = plt.subplots(1, len(conditions), figsize=(5 * len(conditions), 3.6), squeeze=False)
+        for ax, cond in zip(axes[0], conditions):
+            for key in sorted(k for k in groups if k[0] == cond and k[2] == "all"):
+                curves = [c["curves"][metric] for c in groups[key]]
+                n = min(len(c) for c in curves)
+                if n == 0:
+                    continue
+                a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
+                m, sd = np.nanmean(a, 0), np.nanstd(a, 0)
+                x = np.arange(1, n + 1)
+                ax.plot(x, m, label=key[1])
+                ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+            ax.set_title(f"{metric} ({cond}; mean +- std over seeds)", fontsize=9)
+            ax.set_xlabel("RL step")
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+        _save(fig, out / fname)
+        plt.close(fig)
+        written.append(out / fname)
+    abl = sorted(k for k in groups if k[2] != "all")
+    if abl:
+        keys = sorted({(k[0], k[1], "all") for k in abl if (k[0], k[1], "all") in groups} | set(abl))
+        fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(keys), 3.6))
+        ms, errs = [], []
+        for k in keys:
+            m, _, lo, hi = mean_ci([c["final_reward"] for c in groups[k]])
+            ms.append(m)
+            errs.append(0.0 if math.isnan(lo) else hi - m)
+        ax.bar(range(len(keys)), ms, yerr=errs, capsize=3)
+        ax.set_xticks(range(len(keys)), [f"{k[1]}\n{k[2]}" for k in keys], fontsize=7)
+        ax.set_title("layer ablation: final reward, 95 % CI over seeds")
+        ax.grid(alpha=0.3, axis="y")
+        _save(fig, out / "ablation.png")
+        plt.close(fig)
+        written.append(out / "ablation.png")
+    prof = {k: v for k, v in groups.items() if any(c["mismatch"] for c in v)}
+    if prof:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
+        for cond in conditions:
+            mm = [c["mismatch"] for k, v in prof.items() if k[0] == cond for c in v]
+            lk = sorted({k for m in mm for k in m if k.startswith("mismatch/layer_")})
+            if lk:
+                a1.plot(range(len(lk)), [np.mean([m[k] for m in mm if k in m]) for k in lk], marker="o", label=cond)
+        for key in sorted(k for k in groups if k[2] == "all" and "alp" in k[1]):
+            sg = [c["sigma"] for c in groups[key] if c["sigma"]]
+            lk = sorted({k for s in sg for k in s})
+            if lk:
+                a2.plot(range(len(lk)), [np.mean([s[k] for s in sg if k in s]) for k in lk], marker="o",
+                        label=f"{key[0]} {key[1]}")
+        a1.set_title("engine vs FP32 divergence per layer (last measured step, mean)", fontsize=9)
+        a1.set_yscale("log")
+        a2.set_title("learned ALP sigma per layer (final, mean over seeds)", fontsize=9)
+        for a in (a1, a2):
+            a.set_xlabel("decoder layer")
+            a.grid(alpha=0.3)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=6)
+        _save(fig, out / "layer_mismatch.png")
+        plt.close(fig)
+        written.append(out / "layer_mismatch.png")
+    return written
+
+
+def write_report(study_dir: str | Path, cells: list | None = None, *, kl_threshold: float = 1e-3) -> list[Path]:
+    """Summaries, tables and plots of every cell under ``study_dir/cells`` (or of ``cells``)."""
+    study_dir = Path(study_dir)
+    out = study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if cells is None:
+        names = sorted(str(p.parent.relative_to(study_dir / "cells")) for p in (study_dir / "cells").glob("*/*/*/*/metrics.jsonl"))
+    else:
+        names = [c.name for c in cells]
+    summaries = {}
+    for name in names:
+        s = cell_summary(study_dir / "cells" / name, kl_threshold)
+        if s is None:
+            continue
+        cond, preset, layers, seed = name.split("/")
+        s.update(condition=cond, preset=preset, layers=layers, seed=int(seed.lstrip("s")))
+        summaries[name] = s
+    groups: dict = defaultdict(list)
+    for s in summaries.values():
+        groups[(s["condition"], s["preset"], s["layers"])].append(s)
+    conditions = sorted({k[0] for k in groups}, key=lambda c: ["bf16-k0", "bf16-k4", "fp8-k4"].index(c)
+                        if c in ("bf16-k0", "bf16-k4", "fp8-k4") else 9)
+    md = ["# ALP study report", "",
+          f"Generated by `examples/study/report.py` from {len(summaries)} cell(s)' metrics.jsonl. "
+          f"Final reward = mean `critic/score/mean` over the last {FINAL_WINDOW} steps; CI = 95 % t "
+          f"interval of the mean over seeds; KL steps = steps with `actor/ppo_kl` > {kl_threshold:g}; "
+          "vs GRPO = paired t-test over the seeds both ran (two-sided p).", ""]
+    for cond in conditions:
+        keys = sorted(k for k in groups if k[0] == cond and k[2] == "all")
+        if keys:
+            md += [f"## {cond}", ""] + _group_table(groups, keys, groups, "preset") + [""]
+    abl = sorted(k for k in groups if k[2] != "all")
+    if abl:
+        keys = sorted(set(abl) | {(k[0], k[1], "all") for k in abl if (k[0], k[1], "all") in groups})
+        md += ["## Layer ablation", ""] + _group_table(groups, keys, groups, "preset / layers") + [""]
+    plots = _plots(groups, conditions, out) if groups else []
+    md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    total = sum(s["wall_s"] or 0.0 for s in summaries.values())
+    md += [f"Compute: {len(summaries)} cell(s), {total:.0f} s of wall time in all (per cell: `cells/*/cell.json`)."]
+    slim = {k: {kk: vv for kk, vv in v.items() if kk != "curves"} for k, v in summaries.items()}
+    for name, text in (("summary.json", json.dumps(slim, indent=1, sort_keys=True) + "\n"),
+                       ("report.md", "\n".join(md) + "\n")):
+        tmp = out / (name + ".part")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return [out / "report.md", out / "summary.json", *plots]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python examples/study/report.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the study folder (holds cells/)")
+    p.add_argument("--kl-threshold", type=float, default=1e-3)
+    ns = p.parse_args(argv)
+    if not (Path(ns.out) / "cells").is_dir():
+        print(f"error: --out {ns.out}: no cells/ folder there (run examples/study/study.py first)", file=sys.stderr)
+        return 2
+    for f in write_report(ns.out, kl_threshold=ns.kl_threshold):
+        print(f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

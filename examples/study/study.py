@@ -1,0 +1,282 @@
+"""The ALP study (issue 21): every preset x seeds x mismatch condition, plus the layer
+ablation, each cell one run of the trainer's public CLI, then the report.
+
+    python examples/study/study.py --out runs/study                 # everything (~150 cells)
+    python examples/study/study.py --out runs/study --list          # the cells, nothing run
+    python examples/study/study.py --out runs/study --cells 'bf16-k0/grpo/*' --train-iters 5
+    python examples/study/study.py --out runs/study --report-only   # tables + plots only
+
+Cells (``CONDITION/PRESET/LAYERS/sSEED``):
+
+* model and task: the tiny CPU example's (``examples/tiny_cpu/prepare.py``), built with
+  ``--asset-layers`` (6) decoder layers on ``--asset-task`` (``sums``, the main job's; or
+  ``sum3-mod10``, the last digit of a sum of three digits) when ``--assets`` has none;
+* conditions: ``bf16-k0`` (BF16 rollouts, ``--rl-generation-lag 0``), ``bf16-k4`` (lag 4),
+  ``fp8-k4`` (``--rl-rollout-dtype fp8``, lag 4);
+* presets: the ten shipped ones; seeds 1..5 for grpo, token-mis, token-alp, seq-alp, 1..3
+  for the others (``--max-seeds`` caps them);
+* layers ``all`` everywhere; the ablation adds, for token-alp and seq-alp under fp8-k4,
+  ``first`` / ``middle`` / ``last`` (ALP on decoder layers ``[round(i L/3),
+  round((i+1) L/3))``, via ``--alp-layer-start`` / ``--alp-layer-end``) and ``logits``
+  (``--alp-placement logits``: the final hidden states only).
+
+Each cell runs ``python -m megatron_alp.train`` with the base config
+(``examples/study/base.yaml``), ``--rl-loss PRESET --seed SEED``, the condition's flags,
+``--save CELL/checkpoints --rl-run-dir CELL`` and ``--rl-mismatch-by-layer-interval``.
+A finished cell (``CELL/cell.json`` with ``finished: true``) is skipped; a cell that was
+killed is run again with ``--load CELL/checkpoints`` and resumes from its last
+checkpoint (``--save-interval``; the trainer keeps ``metrics.jsonl`` up to it). Cells run
+one after another (``--jobs N``: N at once). The MIS cells' rejected-token convention is
+read from their ``config.json`` and stated in the report. Extra trainer flags go after
+``--``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+
+PRESETS = ("grpo", "gspo", "seq-bypass", "token-tis", "seq-tis", "token-mis", "seq-mis",
+           "token-alp", "seq-alp", "cum-token-alp")
+FIVE_SEEDS = ("grpo", "token-mis", "token-alp", "seq-alp")
+CONDITIONS = {"bf16-k0": ("bf16", 0), "bf16-k4": ("bf16", 4), "fp8-k4": ("fp8", 4)}
+ABLATION_PRESETS = ("token-alp", "seq-alp")
+ABLATION_CONDITION = "fp8-k4"
+ABLATION_LAYERS = ("first", "middle", "last", "logits")
+# ALP settings for the tiny model (as examples/tiny_cpu/config.yaml): its hidden states are
+# ~0.02 per element, so sigma_0 is scaled down from the paper's 0.02
+ALP_FLAGS = ("--alp-init-std", "1e-3", "--alp-lr", "1e-2", "--alp-weight-decay", "0")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Cell:
+    condition: str
+    preset: str
+    layers: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.condition}/{self.preset}/{self.layers}/s{self.seed}"
+
+
+def all_cells(max_seeds: int | None = None) -> list[Cell]:
+    """Every cell of the study, in run order (grouped by seed first, so a partial study
+    has complete pairs early)."""
+    cells = []
+    for cond in CONDITIONS:
+        for preset in PRESETS:
+            n = 5 if preset in FIVE_SEEDS else 3
+            for seed in range(1, 1 + min(n, max_seeds or n)):
+                cells.append(Cell(cond, preset, "all", seed))
+    for preset in ABLATION_PRESETS:
+        for layers in ABLATION_LAYERS:
+            for seed in range(1, 1 + min(3, max_seeds or 3)):
+                cells.append(Cell(ABLATION_CONDITION, preset, layers, seed))
+    return sorted(cells, key=lambda c: (c.seed, c.condition, c.preset, c.layers))
+
+
+def select(cells: list[Cell], patterns: str | None) -> list[Cell]:
+    """Cells whose name matches any comma-separated glob of ``patterns`` (all when None)."""
+    if not patterns:
+        return cells
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in pats)]
+
+
+def layer_flags(layers: str, num_layers: int) -> list[str]:
+    """ALP's layer selection for an ablation variant (decoder layers 0..num_layers-1)."""
+    if layers == "all":
+        return []
+    if layers == "logits":
+        return ["--alp-placement", "logits"]
+    i = ("first", "middle", "last").index(layers)
+    start, end = round(i * num_layers / 3), round((i + 1) * num_layers / 3)
+    if end <= start:
+        raise ValueError(f"layers {layers!r}: a third of {num_layers} decoder layer(s) is empty")
+    return ["--alp-layer-start", str(start), "--alp-layer-end", str(end)]
+
+
+def cell_command(cell: Cell, ns: argparse.Namespace, cell_dir: Path, num_layers: int) -> list[str]:
+    dtype, lag = CONDITIONS[cell.condition]
+    a = Path(ns.assets)
+    cmd = [sys.executable, "-m", "megatron_alp.train", "--config", str(ns.config),
+           "--hf-model", str(a / "model"), "--rl-prompt-data", str(a / "train.jsonl"),
+           "--rl-eval-data", str(a / "eval.jsonl"),
+           "--rl-loss", cell.preset, "--seed", str(cell.seed),
+           "--rl-rollout-dtype", dtype, "--rl-generation-lag", str(lag),
+           "--rl-mismatch-by-layer-interval", str(ns.mismatch_interval),
+           "--save", str(cell_dir / "checkpoints"), "--rl-run-dir", str(cell_dir),
+           "--save-interval", str(ns.save_interval)]
+    if ns.train_iters is not None:
+        cmd += ["--train-iters", str(ns.train_iters)]
+    if "alp" in cell.preset:
+        cmd += [*ALP_FLAGS, *layer_flags(cell.layers, num_layers)]
+    if any((cell_dir / "checkpoints").glob("iter_*")):
+        cmd += ["--load", str(cell_dir / "checkpoints")]
+    return cmd + list(ns.trainer_args)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _progress(cell_dir: Path) -> tuple[int, int | None]:
+    """The last step in the cell's ``metrics.jsonl`` and the run's ``train_iters`` (its
+    ``config.json``): a run stopped early (a signal, ``--exit-interval``) exits 0 too."""
+    last = 0
+    m = cell_dir / "metrics.jsonl"
+    if m.is_file():
+        for line in m.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line).get("step", 0)))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                pass
+    want = None
+    c = cell_dir / "config.json"
+    if c.is_file():
+        want = json.loads(c.read_text()).get("train_iters")
+    return last, want
+
+
+def run_cell(cell: Cell, ns: argparse.Namespace, num_layers: int) -> dict:
+    """Run (or resume, or skip) one cell; returns its ``cell.json`` record."""
+    cell_dir = Path(ns.out) / "cells" / cell.name
+    rec_path = cell_dir / "cell.json"
+    if rec_path.is_file():
+        rec = json.loads(rec_path.read_text())
+        if rec.get("finished"):
+            return dict(rec, skipped=True)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    cmd = cell_command(cell, ns, cell_dir, num_layers)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.time()
+    with open(cell_dir / "train.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    wall = time.time() - t0
+    prev = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    last, want = _progress(cell_dir)
+    rec = dict(cell=cell.name, **dataclasses.asdict(cell), command=cmd, rc=rc, last_step=last,
+               train_iters=want, finished=rc == 0 and want is not None and last >= want,
+               wall_s=round(wall + prev.get("wall_s", 0.0), 3),
+               attempts=prev.get("attempts", 0) + 1)
+    _write_json(rec_path, rec)
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1:]
+    p = argparse.ArgumentParser(prog="python examples/study/study.py",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the study folder (cells/, report/)")
+    p.add_argument("--assets", default=None,
+                   help="tiny CPU assets (examples/tiny_cpu/prepare.py --out DIR; built there "
+                        "when missing; default OUT-assets)")
+    p.add_argument("--asset-layers", type=int, default=6,
+                   help="decoder layers of the tiny model built when --assets is missing (default 6: "
+                        "the ablation's thirds are 2 layers each)")
+    p.add_argument("--asset-task", default="sums", choices=("sums", "sum3-mod10"),
+                   help="the task of the assets built when --assets is missing (default sums, the "
+                        "main job's; sum3-mod10 did not rise in a first try: docs/results.md)")
+    p.add_argument("--warmup-max-steps", type=int, default=3000,
+                   help="warm-up cap of the assets built when --assets is missing (default 3000, "
+                        "prepare.py's)")
+    p.add_argument("--config", default=str(HERE / "base.yaml"), help="the trainer's base --config")
+    p.add_argument("--cells", default=None, help="comma-separated globs on cell names, e.g. "
+                   "'bf16-k0/grpo/*,fp8-k4/*/logits/s1' (default: all)")
+    p.add_argument("--max-seeds", type=int, default=None, help="cap the seeds per preset")
+    p.add_argument("--train-iters", type=int, default=None, help="override the config's --train-iters")
+    p.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (resume point)")
+    p.add_argument("--mismatch-interval", type=int, default=10,
+                   help="--rl-mismatch-by-layer-interval of every cell (default 10)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--list", action="store_true", help="print the selected cells and exit")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report")
+    p.add_argument("--kl-threshold", type=float, default=1e-3,
+                   help="the report counts steps whose actor/ppo_kl exceeds this (default 1e-3)")
+    ns = p.parse_args(argv)
+    ns.trainer_args = extra
+    ns.assets = Path(ns.assets or f"{str(ns.out).rstrip('/')}-assets")
+    for flag, v in (("--asset-layers", ns.asset_layers), ("--warmup-max-steps", ns.warmup_max_steps), ("--max-seeds", ns.max_seeds), ("--train-iters", ns.train_iters),
+                    ("--save-interval", ns.save_interval), ("--jobs", ns.jobs)):
+        if v is not None and v < 1:
+            print(f"error: {flag}={v} is invalid; expected >= 1", file=sys.stderr)
+            return 2
+    if ns.mismatch_interval < 0:
+        print(f"error: --mismatch-interval={ns.mismatch_interval} is invalid; expected >= 0", file=sys.stderr)
+        return 2
+    cells = select(all_cells(ns.max_seeds), ns.cells)
+    if not cells:
+        print(f"error: --cells {ns.cells!r} matches no cell (see --list)", file=sys.stderr)
+        return 2
+    if ns.list:
+        for c in cells:
+            print(c.name)
+        print(f"{len(cells)} cell(s)")
+        return 0
+    out = Path(ns.out)
+    if not ns.report_only:
+        if not (ns.assets / "model" / "config.json").is_file():
+            print(f"[study] building the tiny assets in {ns.assets} ...", flush=True)
+            subprocess.check_call([sys.executable, str(REPO / "examples/tiny_cpu/prepare.py"),
+                                   "--out", str(ns.assets), "--layers", str(ns.asset_layers),
+                                   "--task", ns.asset_task, "--warmup-max-steps", str(ns.warmup_max_steps)])
+        num_layers = json.loads((ns.assets / "model" / "config.json").read_text())["num_hidden_layers"]
+        thirds = sorted({c.layers for c in cells} & {"first", "middle", "last"})
+        if thirds and num_layers < 3:
+            print(f"error: --assets {ns.assets}: the model has {num_layers} decoder layer(s); the "
+                  f"ablation's thirds ({', '.join(thirds)}) need >= 3 (build assets with "
+                  "--asset-layers 6, or leave those cells out with --cells)", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        done = 0
+
+        def one(c: Cell) -> dict:
+            return run_cell(c, ns, num_layers)
+
+        with ThreadPoolExecutor(max_workers=ns.jobs) as pool:
+            for rec in pool.map(one, cells):
+                done += 1
+                state = "skipped (finished)" if rec.get("skipped") else (
+                    f"done in {rec['wall_s']:.1f} s" if rec["finished"] else
+                    f"not finished: rc={rec['rc']}, step {rec['last_step']}/{rec['train_iters']} "
+                    f"(see {out / 'cells' / rec['cell'] / 'train.log'}; run again to resume)")
+                print(f"[study] {done}/{len(cells)} {rec['cell']}: {state}", flush=True)
+        print(f"[study] {len(cells)} cell(s) in {time.time() - t0:.1f} s", flush=True)
+    from report import write_report  # examples/study/report.py
+
+    files = write_report(out, kl_threshold=ns.kl_threshold)  # every cell of the study folder
+    print(f"[study] report: {', '.join(str(f) for f in files)}", flush=True)
+    failed = [c.name for c in cells
+              if not json.loads(((out / "cells" / c.name / "cell.json").read_text())
+                                if (out / "cells" / c.name / "cell.json").is_file() else "{}").get("finished")]
+    if failed:
+        print(f"[study] {len(failed)} cell(s) not finished: {', '.join(failed[:5])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())
