@@ -260,7 +260,11 @@ def initialize(
     )
     # Also when torch.distributed was up already (torchrun's entry, a test harness): the
     # default group's collectives follow cfg.timeout_minutes from here on.
-    dist.set_timeout(datetime.timedelta(minutes=cfg.timeout_minutes))
+    # torch.distributed.set_timeout is public from torch 2.14; the vLLM CPU environment's
+    # torch 2.13 (the in-process engine's trainer runs there) has the same function under
+    # its earlier private name, distributed_c10d._set_pg_timeout (same signature).
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    set_timeout(datetime.timedelta(minutes=cfg.timeout_minutes))
     if ps.model_parallel_is_initialized():
         raise RuntimeError(
             "Megatron model parallel is already initialised; call "

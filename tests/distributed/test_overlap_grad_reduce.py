@@ -6,6 +6,7 @@ with pipelining, launches the reductions from the schedule (``grad_sync_func``).
 without overlap: same losses after two optimizer steps, same grads.
 """
 
+import pytest
 import torch
 
 from megatron_alp.launch import RankGroup
@@ -26,6 +27,7 @@ def body() -> dict:
     }
 
 
+@pytest.mark.slow  # kept out of the default suite's 15-minute budget (scripts/test.sh -m slow)
 def test_overlap_grad_reduce_matches_the_synchronous_reduction():
     with RankGroup(4, timeout_s=600) as group:
         per_rank = group.run(body)

@@ -18,6 +18,7 @@ def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("tiny_assets"))
 
 
+@pytest.mark.slow  # kept out of the default suite's 15-minute budget (scripts/test.sh -m slow)
 def test_layer_mismatch_is_layout_invariant_with_fp8_rollouts(assets, tmp_path):
     extra = ("--rl-loss", "grpo", "--lr", "0", "--train-iters", "1", "--rl-rollout-dtype", "fp8",
              "--rl-mismatch-by-layer-interval", "1")
@@ -35,6 +36,7 @@ def test_layer_mismatch_is_layout_invariant_with_fp8_rollouts(assets, tmp_path):
     assert big["history"][0]["rollout/checksum"] == one["history"][0]["rollout/checksum"]
 
 
+@pytest.mark.slow  # kept out of the default suite's 15-minute budget (scripts/test.sh -m slow)
 def test_fp8_twin_fleet_engine_follows_weight_updates_like_the_local_engine(assets, tmp_path):
     """A twin fleet engine receives weights by broadcast straight into its parameters
     (bypassing ``update_weights``): its FP8 quantised copies must still be rebuilt, so

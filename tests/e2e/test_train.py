@@ -146,6 +146,7 @@ def _cli(args, **kw):
                             start_new_session=True, **kw)
 
 
+@pytest.mark.slow  # kept out of the default suite's 15-minute budget (scripts/test.sh -m slow)
 def test_kill9_then_resume_equals_uninterrupted_run(assets, tmp_path):
     """ALP noise and --rl-generation-lag 2: the resumed run continues exactly."""
     common = ["--rl-loss", "token-alp", "--alp-init-std", "0.01", "--rl-generation-lag", "2",
@@ -252,6 +253,7 @@ def test_distributed_optimizer_bf16_recompute_sp_wandb_tensorboard(group, assets
     assert math.isfinite(again["history"][-1]["actor/pg_loss"])
 
 
+@pytest.mark.slow  # kept out of the default suite's 15-minute budget (scripts/test.sh -m slow)
 def test_finetune_from_converted_checkpoint_and_export(group, assets, tmp_path):
     """hf_to_megatron -> --load --finetune trains from those weights; the trainer's
     checkpoint exports back to HF with megatron_to_hf (no sigma)."""

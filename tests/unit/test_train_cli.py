@@ -163,7 +163,8 @@ def _doc_flags() -> set[str]:
     text = re.sub(r"`error: [^`]*`", "", (REPO / "docs/train.md").read_text())  # quoted mistakes
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", text))
     flags |= {"--adam-beta2"}  # written `--adam-beta1/2`
-    return flags - {"--nproc-per-node"}  # torchrun's
+    # torchrun's and sbatch's own flags, named where the docs explain a launch
+    return flags - {"--nproc-per-node", "--shutdown-timeout", "--signal"}
 
 
 def test_help_exits_0_and_its_first_screen_is_the_trainers_flags(tmp_path):
