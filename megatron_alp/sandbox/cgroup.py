@@ -30,8 +30,9 @@ import itertools
 import os
 import signal
 import time
+from typing import Callable
 
-__all__ = ["CgroupParent", "RunCgroup", "find_parent"]
+__all__ = ["CgroupParent", "RunCgroup", "find_parent", "sigkill_until_gone"]
 
 _PREFIX = "megatron-alp-sandbox-"
 _seq = itertools.count()
@@ -76,6 +77,26 @@ def _own_dir(fstype: str, root: str, mnt: str, opts: str) -> str | None:
             rel = path[len(root):] if root != "/" else path
             return os.path.normpath(mnt + "/" + rel.lstrip("/"))
     return None
+
+
+def sigkill_until_gone(pids: Callable[[], list[int]], deadline_s: float, what: str) -> int:
+    """SIGKILL whatever ``pids()`` lists until it lists nothing; returns how many distinct
+    processes were seen. Raises RuntimeError naming ``what`` past ``deadline_s``."""
+    seen: set[int] = set()
+    end = time.monotonic() + deadline_s
+    while True:
+        left = pids()
+        if not left:
+            return len(seen)
+        seen.update(left)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass  # exited meanwhile
+        if time.monotonic() > end:
+            raise RuntimeError(f"{what} still has processes {left} after SIGKILL")
+        time.sleep(0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,26 +192,12 @@ class RunCgroup:
 
     def kill(self, deadline_s: float = 5.0) -> int:
         """SIGKILL every process of the cgroup until it is empty; how many there were."""
-        seen: set[int] = set()
         if self.version == 2 and os.path.exists(f"{self.path}/cgroup.kill"):
             try:
                 _write(f"{self.path}/cgroup.kill", "1")
             except OSError:
                 pass
-        end = time.monotonic() + deadline_s
-        while True:
-            pids = self.pids()
-            if not pids:
-                return len(seen)
-            seen.update(pids)
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            if time.monotonic() > end:
-                raise RuntimeError(f"sandbox cgroup {self.path} still has processes {pids}")
-            time.sleep(0.01)
+        return sigkill_until_gone(self.pids, deadline_s, f"sandbox cgroup {self.path}")
 
     def remove(self) -> None:
         """Remove the (empty) cgroup; retried briefly while the last exits are accounted."""

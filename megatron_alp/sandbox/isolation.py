@@ -54,7 +54,7 @@ import subprocess
 import time
 
 from megatron_alp.sandbox import registry
-from megatron_alp.sandbox.cgroup import CgroupParent, RunCgroup, find_parent
+from megatron_alp.sandbox.cgroup import CgroupParent, RunCgroup, find_parent, sigkill_until_gone
 from megatron_alp.sandbox.seccomp import DENIED, build_filter
 from megatron_alp.sandbox.types import SandboxLimits, SandboxResult, SandboxUnavailable
 
@@ -189,24 +189,10 @@ def _pids_of_uid(uid: int, *, live_only: bool = False) -> list[int]:
 
 
 def _kill_uid(uid: int, deadline_s: float) -> int:
-    """SIGKILL every process of ``uid`` until none is left; returns how many were seen."""
-    seen: set[int] = set()
-    end = time.monotonic() + deadline_s
-    while True:
-        # Zombies run nothing: bwrap's PID-1 process is left as one, reparented to the
-        # host's init, until that reaps it; it holds no resources but a PID.
-        pids = _pids_of_uid(uid, live_only=True)
-        if not pids:
-            return len(seen)
-        seen.update(pids)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        if time.monotonic() > end:
-            raise RuntimeError(f"sandbox uid {uid} still has processes {pids} after SIGKILL")
-        time.sleep(0.01)
+    """SIGKILL every process of ``uid`` until none is left; returns how many were seen.
+    Zombies run nothing (bwrap's PID-1 process is left as one, reparented to the host's
+    init, until that reaps it; it holds no resources but a PID), so only live ones count."""
+    return sigkill_until_gone(lambda: _pids_of_uid(uid, live_only=True), deadline_s, f"sandbox uid {uid}")
 
 
 def _classify(exit_code: int | None, timed_out: bool, stderr: str) -> str | None:
