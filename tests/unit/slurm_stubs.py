@@ -178,3 +178,28 @@ def stub_env(bin_dir: Path, log: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", STUB_LOG=str(log), **extra)
     return env
+
+
+def render(tmp_path: Path, script: Path, *args: str, nodes: int | None = 3, **env: str) -> list[dict]:
+    """Run ``script`` under the stubs (with an sbatch allocation of ``nodes`` nodes unless
+    None) and return the recorded calls."""
+    import subprocess
+
+    log = tmp_path / "calls.jsonl"
+    full = stub_env(stub_bin(tmp_path / "bin"), log, **env)
+    if nodes is not None:
+        full.update(fake_allocation(nodes))
+    r = subprocess.run(["bash", str(script), *args], env=full, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return read_log(log)
+
+
+def flag_value(argv: list[str], name: str) -> str:
+    """The value of ``name`` in ``argv`` (``--name V`` or ``--name=V``)."""
+    for i, a in enumerate(argv):
+        if a == name:
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {argv}")

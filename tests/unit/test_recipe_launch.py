@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.slurm_stubs import read_log, stub_bin, stub_env
+from tests.unit.slurm_stubs import flag_value, read_log, render, stub_bin, stub_env
 from tests.unit.test_examples import _qwen25_15b, qwen2_config_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,22 +39,7 @@ def data(tmp_path):
 
 
 def _run(tmp_path: Path, script: str, **env: str) -> list[dict]:
-    log = tmp_path / "calls.jsonl"
-    full = stub_env(stub_bin(tmp_path / "bin"), log, **env)
-    r = subprocess.run(["bash", str(REPO / script)], env=full, cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return read_log(log)
-
-
-def _flag(argv: list[str], name: str) -> str:
-    for i, a in enumerate(argv):
-        if a == name:
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    raise AssertionError(f"{name} not in {argv}")
-
+    return render(tmp_path, REPO / script, nodes=None, **env)
 
 def _trainer(calls: list[dict]) -> tuple[list[str], int, list[dict]]:
     """The trainer's argv (after ``-m megatron_alp.train``), its world size, its launches."""
@@ -62,8 +47,8 @@ def _trainer(calls: list[dict]) -> tuple[list[str], int, list[dict]]:
     assert agents, calls
     argv = agents[0]["argv"]
     assert all(a["argv"] == argv for a in agents)
-    world = int(_flag(argv, "--nnodes") if any(a.startswith("--nnodes") for a in argv) else 1) * int(
-        _flag(argv, "--nproc-per-node"))
+    world = int(flag_value(argv, "--nnodes") if any(a.startswith("--nnodes") for a in argv) else 1) * int(
+        flag_value(argv, "--nproc-per-node"))
     i = argv.index("-m")
     assert argv[i + 1] == "megatron_alp.train"
     return argv[i + 2:], world, agents
@@ -87,7 +72,7 @@ def test_qwen25_math_run_sh_parses_on_its_four_trainer_gpus(tmp_path, data):
     assert cfg.run.rollout_engine == "fleet" and kw["backend"] == "vllm"
     assert kw["endpoints"] == [f"http://127.0.0.1:{8100 + k}" for k in range(4)]
     fleet = [c for c in calls if c["kind"] == "python" and "megatron_alp.rollout.fleet_launch" in c["argv"]]
-    assert len(fleet) == 1 and _flag(fleet[0]["argv"], "--gpus") == "4,5,6,7"
+    assert len(fleet) == 1 and flag_value(fleet[0]["argv"], "--gpus") == "4,5,6,7"
     assert cfg.exit_signal_handler and cfg.save == cfg.load == tmp_path / "save"
 
 
@@ -101,7 +86,7 @@ def test_qwen25_7b_multiturn_run_sh_parses(tmp_path, data):
     assert cfg.loss_preset == "seq-alp" and cfg.run.max_turns == 5
     assert cfg.run.sandbox == "http://127.0.0.1:8090"
     serve = [c for c in calls if c["kind"] == "python" and "megatron_alp.sandbox.serve" in c["argv"]]
-    assert len(serve) == 1 and _flag(serve[0]["argv"], "--port") == "8090"
+    assert len(serve) == 1 and flag_value(serve[0]["argv"], "--port") == "8090"
 
 
 def test_qwen25_7b_multiturn_on_slurm_parses_for_two_trainer_nodes(tmp_path, data):

@@ -10,38 +10,14 @@ counts a person asks for — one torchrun agent per trainer node, one task per G
 from __future__ import annotations
 
 import collections
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.unit.slurm_stubs import fake_allocation, read_log, stub_bin, stub_env
+from tests.unit.slurm_stubs import flag_value, render
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "examples/slurm"
-
-
-def render(tmp_path: Path, script: Path, *args: str, nodes: int | None = 3, **env: str) -> list[dict]:
-    """Run ``script`` under the stubs (with an sbatch allocation of ``nodes`` nodes unless
-    None) and return the recorded calls."""
-    log = tmp_path / "calls.jsonl"
-    bin_dir = stub_bin(tmp_path / "bin")
-    full = stub_env(bin_dir, log, **env)
-    if nodes is not None:
-        full.update(fake_allocation(nodes))
-    r = subprocess.run(["bash", str(script), *args], env=full, cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return read_log(log)
-
-
-def _flag(argv: list[str], name: str) -> str:
-    for i, a in enumerate(argv):
-        if a == name:
-            return argv[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    raise AssertionError(f"{name} not in {argv}")
 
 
 def _per_node(calls: list[dict]) -> dict[str, int]:
@@ -56,11 +32,11 @@ def test_train_sbatch_torchrun_starts_one_agent_per_node(tmp_path):
     runs = [c for c in calls if c["kind"] == "torchrun"]
     assert _per_node(runs) == {"node9": 1, "node10": 1, "node11": 1}
     for c in runs:
-        assert _flag(c["argv"], "--nnodes") == "3" and _flag(c["argv"], "--nproc-per-node") == "8"
-        assert _flag(c["argv"], "--rdzv-endpoint") == "node9:29500"
+        assert flag_value(c["argv"], "--nnodes") == "3" and flag_value(c["argv"], "--nproc-per-node") == "8"
+        assert flag_value(c["argv"], "--rdzv-endpoint") == "node9:29500"
         # the grace torchrun gives its ranks after forwarding SIGTERM: past torch's 30 s
         # default, inside the 600 s that --signal=B:USR1@600 leaves
-        assert 60 <= int(_flag(c["argv"], "--shutdown-timeout")) < 600
+        assert 60 <= int(flag_value(c["argv"], "--shutdown-timeout")) < 600
         tail = c["argv"][c["argv"].index("-m"):]
         assert tail[:2] == ["-m", "megatron_alp.train"] and "--exit-signal-handler" in tail
 
@@ -89,11 +65,11 @@ def test_fleet_sbatch_geometry_and_sync_host(tmp_path, train_nodes, fleet_nodes)
     fleets = [c for c in calls if c["kind"] == "python" and "megatron_alp.rollout.fleet_launch" in c["argv"]]
     assert _per_node(fleets) == {n: 1 for n in nodes[train_nodes:]}
     for c in agents:
-        assert _flag(c["argv"], "--nnodes") == str(train_nodes)
+        assert flag_value(c["argv"], "--nnodes") == str(train_nodes)
         # rank 0's own address, found by rank 0: with node9 / node10 torchrun's c10d
         # rendezvous makes node10 (sorted first) rank 0's node, not the list's first node
-        assert _flag(c["argv"], "--rl-fleet-sync-host") == "auto"
-        endpoints = _flag(c["argv"], "--rl-fleet-endpoints").split(",")
+        assert flag_value(c["argv"], "--rl-fleet-sync-host") == "auto"
+        endpoints = flag_value(c["argv"], "--rl-fleet-endpoints").split(",")
         assert len(endpoints) == 8 * fleet_nodes
         assert {e.split("//")[1].split(":")[0] for e in endpoints} == set(nodes[train_nodes:])
 
