@@ -34,6 +34,10 @@ FINAL_WINDOW = 5
 __all__ = ["FINAL_WINDOW", "cell_summary", "write_report"]
 
 
+STUDY_MARKER = ".megatron-alp-study"
+"""Marks a folder examples/study/study.py made: cells/ and report/ are written only there."""
+
+
 def _rows(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text().splitlines():
@@ -289,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if not (Path(ns.out) / "cells").is_dir():
         print(f"error: --out {ns.out}: no cells/ folder there (run examples/study/study.py first)", file=sys.stderr)
+        return 2
+    if not (Path(ns.out) / STUDY_MARKER).is_file():  # it writes report/: only in a study's folder
+        print(f"error: --out {ns.out}: no {STUDY_MARKER} there: examples/study/study.py did not make "
+              "this folder", file=sys.stderr)
         return 2
     for f in write_report(ns.out, kl_threshold=ns.kl_threshold):
         print(f)

@@ -44,6 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from report import STUDY_MARKER  # examples/study/report.py (this script's folder)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
@@ -152,6 +154,20 @@ def _progress(cell_dir: Path) -> tuple[int, int | None]:
     return last, want
 
 
+def claim_study_dir(out: Path) -> str | None:
+    """Make ``out`` ours (new or empty: create it and its marker) or accept it if it holds
+    :data:`STUDY_MARKER`; otherwise return why not, and write nothing."""
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    if out.is_dir() and not (out / STUDY_MARKER).is_file():
+        if any(out.iterdir()):
+            return (f"holds files but no {STUDY_MARKER}: this runner did not make it (it would "
+                    "write cells/ and report/ there); choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STUDY_MARKER).touch()
+    return None
+
+
 def run_cell(cell: Cell, ns: argparse.Namespace, num_layers: int) -> dict:
     """Run (or resume, or skip) one cell; returns its ``cell.json`` record."""
     cell_dir = Path(ns.out) / "cells" / cell.name
@@ -235,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(cells)} cell(s)")
         return 0
     out = Path(ns.out)
+    problem = claim_study_dir(out)
+    if problem:
+        print(f"error: --out {out}: {problem}", file=sys.stderr)
+        return 2
     if not ns.report_only:
         if not (ns.assets / "model" / "config.json").is_file():
             print(f"[study] building the tiny assets in {ns.assets} ...", flush=True)

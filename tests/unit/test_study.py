@@ -115,3 +115,23 @@ def test_a_killed_cell_resumes_to_the_same_metrics_and_a_two_cell_study_reports(
     assert "## fp8-k4" in rep and "| seq-alp | 1 |" in rep and "| grpo | 1 |" in rep
     for png in ("reward.png", "ratio_q999.png", "ppo_kl.png", "layer_mismatch.png"):
         assert (a / "report" / png).stat().st_size > 1000, png
+
+
+def test_a_folder_it_did_not_make_is_refused_and_left_alone(tmp_path, capsys):
+    """--out pointing at a user's folder (here with a report/ of its own) is refused in one
+    line, exit 2, before anything is built or written; a new folder is claimed."""
+    out = tmp_path / "mine"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "notes.md").write_text("mine")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert study.main(["--out", str(out), "--report-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--out" in err and study.STUDY_MARKER in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "report" / "notes.md").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    assert study.main(["--out", str(tmp_path / "file"), "--report-only"]) == 2
+    assert (tmp_path / "file").read_text() == "x"
+    assert study.claim_study_dir(tmp_path / "new") is None
+    assert (tmp_path / "new" / study.STUDY_MARKER).is_file()
+    assert study.claim_study_dir(tmp_path / "new") is None  # its own: accepted again
