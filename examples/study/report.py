@@ -12,6 +12,11 @@ Writes ``OUT/report/report.md``, ``OUT/report/summary.json`` (one record per cel
   seeds of each run's maximum; the max column also gives the largest over seeds);
 * KL steps: steps whose ``actor/ppo_kl`` exceeds ``--kl-threshold`` (mean over seeds);
 * sigma range: min / max over seeds of the last step's ``alp/sigma_min`` / ``_max``;
+* ALP cost: each ALP cell's median step time and median update (``timing_s/update_actor``,
+  the phase that carries the noise) over those of the grpo cell of the same condition and
+  seed (same batch and rollouts; cells that ran side by side share the CPU, so the ratio
+  carries that noise);
+* every cell: one row per cell (final reward, ratio tail, KL steps, sigma, step time, wall);
 * vs GRPO: the paired t-test of the final reward against grpo's on the same seeds in the
   same condition (the same seed gives the same first rollouts), difference, t and p.
 """
@@ -97,6 +102,7 @@ def cell_summary(cell_dir: Path, kl_threshold: float) -> dict | None:
         sigma_min=last.get("alp/sigma_min"), sigma_max=last.get("alp/sigma_max"),
         rollout_corr_kl=_finite(r.get("rollout_corr/kl") for r in rows),
         step_s_median=_median(_finite(r.get("timing_s/step") for r in rows)),
+        update_s_median=_median(_finite(r.get("timing_s/update_actor") for r in rows)),
         wall_s=rec.get("wall_s"),
         rejected_tokens=_find(cfg, "is_rejected_tokens"),
         is_correction=_find(cfg, "is_correction"),
@@ -153,6 +159,43 @@ def _group_table(groups: dict, keys: list, base: dict | None, title_key: str) ->
             f"{_f(sum(q) / len(q), '.3g')} | {_f(sum(rm) / len(rm), '.3g')} / {_f(max(rm), '.3g')} | "
             f"{_f(sum(kls) / len(kls), '.1f')} | {sig} | {_f(step_s, '.2f')} | {vs} |")
     return lines
+
+
+def _cost_table(summaries: dict) -> list[str]:
+    """ALP vs plain (the grpo cell of the same condition and seed), per ALP cell."""
+    lines = ["## ALP cost per cell (vs the grpo cell of the same condition and seed)", "",
+             "| cell | s/step | grpo s/step | step ratio | update s | grpo update s | update ratio |",
+             "|---|---|---|---|---|---|---|"]
+    ratios = []
+    for name, s in sorted(summaries.items()):
+        if "alp" not in s["preset"]:
+            continue
+        ref = summaries.get(f"{s['condition']}/grpo/all/s{s['seed']}")
+        if ref is None:
+            continue
+        r_step = s["step_s_median"] / ref["step_s_median"] if ref["step_s_median"] else math.nan
+        r_upd = s["update_s_median"] / ref["update_s_median"] if ref["update_s_median"] else math.nan
+        ratios.append(r_step)
+        lines.append(f"| {name} | {_f(s['step_s_median'], '.2f')} | {_f(ref['step_s_median'], '.2f')} | "
+                     f"{_f(r_step, '.2f')} | {_f(s['update_s_median'], '.2f')} | "
+                     f"{_f(ref['update_s_median'], '.2f')} | {_f(r_upd, '.2f')} |")
+    if not ratios:
+        return []
+    return lines + ["", f"Median step ratio over {len(ratios)} ALP cell(s): {_median(_finite(ratios)):.2f}.", ""]
+
+
+def _cells_table(summaries: dict) -> list[str]:
+    """One row per cell: nothing averaged away."""
+    lines = ["## Every cell", "",
+             "| cell | steps | final reward | ratio q99.9 max | ratio max | KL steps | sigma (final) | "
+             "s/step | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in sorted(summaries.items()):
+        sig = (f"{s['sigma_min']:.2e} .. {s['sigma_max']:.2e}"
+               if isinstance(s.get("sigma_min"), float) and isinstance(s.get("sigma_max"), float) else "-")
+        lines.append(f"| {name} | {s['last_step']} | {_f(s['final_reward'])} | {_f(s['ratio_q999_max'], '.3g')} | "
+                     f"{_f(s['ratio_max'], '.3g')} | {s['kl_steps']} | {sig} | {_f(s['step_s_median'], '.2f')} | "
+                     f"{_f(s['wall_s'], '.0f')} |")
+    return lines + [""]
 
 
 def _save(fig, path: Path) -> None:
@@ -273,6 +316,7 @@ def write_report(study_dir: str | Path, cells: list | None = None, *, kl_thresho
     if abl:
         keys = sorted(set(abl) | {(k[0], k[1], "all") for k in abl if (k[0], k[1], "all") in groups})
         md += ["## Layer ablation", ""] + _group_table(groups, keys, groups, "preset / layers") + [""]
+    md += _cost_table(summaries) + _cells_table(summaries)
     plots = _plots(groups, conditions, out) if groups else []
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     total = sum(s["wall_s"] or 0.0 for s in summaries.values())

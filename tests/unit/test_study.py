@@ -135,3 +135,27 @@ def test_a_folder_it_did_not_make_is_refused_and_left_alone(tmp_path, capsys):
     assert study.claim_study_dir(tmp_path / "new") is None
     assert (tmp_path / "new" / study.STUDY_MARKER).is_file()
     assert study.claim_study_dir(tmp_path / "new") is None  # its own: accepted again
+
+
+def test_the_report_computes_alp_cost_and_lists_every_cell(tmp_path):
+    """Two hand-made cells: the cost table's ratios and the per-cell rows come from the
+    numbers in metrics.jsonl (medians computed by hand here)."""
+    (tmp_path / report.STUDY_MARKER).touch()
+    steps = {"grpo": [1.0, 3.0, 2.0], "token-alp": [1.5, 2.0, 2.5, 9.0]}
+    upd = {"grpo": [0.5, 0.4, 0.6], "token-alp": [0.55, 0.66, 0.60, 0.70]}
+    for preset in steps:
+        d = tmp_path / "cells" / "fp8-k4" / preset / "all" / "s1"
+        d.mkdir(parents=True)
+        rows = [{"step": i + 1, "critic/score/mean": 0.1 * (i + 1), "timing_s/step": t,
+                 "timing_s/update_actor": u, "is_ratio/q999": 1.0 + i, "is_ratio/max": 2.0 + i,
+                 "actor/ppo_kl": 0.002 * i}
+                for i, (t, u) in enumerate(zip(steps[preset], upd[preset]))]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.write_report(tmp_path, kl_threshold=1e-3)
+    md = (tmp_path / "report" / "report.md").read_text()
+    # medians: grpo step 2.0, update 0.5; token-alp step 2.25, update 0.63
+    assert "| fp8-k4/token-alp/all/s1 | 2.25 | 2.00 | 1.12 | 0.63 | 0.50 | 1.26 |" in md, md
+    assert "Median step ratio over 1 ALP cell(s): 1.12." in md
+    # every cell has its row: final reward = mean of the last 5 (here all) steps
+    assert "| fp8-k4/grpo/all/s1 | 3 | 0.200 | 3 | 4 | 2 | - | 2.00 | - |" in md, md
+    assert "| fp8-k4/token-alp/all/s1 | 4 | 0.250 | 4 | 5 | 3 | - | 2.25 | - |" in md, md
