@@ -161,6 +161,62 @@ def _group_table(groups: dict, keys: list, base: dict | None, title_key: str) ->
     return lines
 
 
+def _rank(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (Pearson on ranks, ties at their mean rank)."""
+    if len(a) != len(b) or len(a) < 2:
+        return math.nan
+    ra, rb = _rank(a), _rank(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+
+
+def _profile_table(groups: dict, conditions: list[str]) -> list[str]:
+    """Per layer: the engine-vs-FP32 divergence (mean over the condition's cells, last measured
+    step) beside each ALP preset's final sigma (mean over seeds), and their rank correlation."""
+    out = []
+    for cond in conditions:
+        mm = [c["mismatch"] for k, v in groups.items() if k[0] == cond for c in v if c["mismatch"]]
+        layers = sorted({k.rsplit("_", 1)[-1] for m in mm for k in m if k.startswith("mismatch/layer_")})
+        alps = sorted(k for k in groups if k[0] == cond and k[2] == "all" and "alp" in k[1])
+        if not layers or not alps:
+            continue
+        mis = [sum(m[f"mismatch/layer_{n}"] for m in mm if f"mismatch/layer_{n}" in m)
+               / max(1, sum(f"mismatch/layer_{n}" in m for m in mm)) for n in layers]
+        sig = {}
+        for key in alps:
+            sg = [c["sigma"] for c in groups[key] if c["sigma"]]
+            vals = [[s[f"alp/sigma/layer_{n}"] for s in sg if f"alp/sigma/layer_{n}" in s] for n in layers]
+            if all(vals):
+                sig[key[1]] = [sum(v) / len(v) for v in vals]
+        if not sig:
+            continue
+        out += [f"## Per-layer mismatch beside the learned sigma ({cond})", "",
+                "| layer | mismatch | " + " | ".join(f"sigma {p}" for p in sig) + " |",
+                "|---" * (2 + len(sig)) + "|"]
+        for i, n in enumerate(layers):
+            out.append(f"| {n} | {mis[i]:.3g} | " + " | ".join(f"{v[i]:.4g}" for v in sig.values()) + " |")
+        out.append("| Spearman rho vs mismatch | | " + " | ".join(_f(spearman(mis, v), '+.2f') for v in sig.values()) + " |")
+        out.append("")
+    return out
+
+
 def _cost_table(summaries: dict) -> list[str]:
     """ALP vs plain (the grpo cell of the same condition and seed), per ALP cell."""
     lines = ["## ALP cost per cell (vs the grpo cell of the same condition and seed)", "",
@@ -316,7 +372,7 @@ def write_report(study_dir: str | Path, cells: list | None = None, *, kl_thresho
     if abl:
         keys = sorted(set(abl) | {(k[0], k[1], "all") for k in abl if (k[0], k[1], "all") in groups})
         md += ["## Layer ablation", ""] + _group_table(groups, keys, groups, "preset / layers") + [""]
-    md += _cost_table(summaries) + _cells_table(summaries)
+    md += _profile_table(groups, conditions) + _cost_table(summaries) + _cells_table(summaries)
     plots = _plots(groups, conditions, out) if groups else []
     md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     total = sum(s["wall_s"] or 0.0 for s in summaries.values())

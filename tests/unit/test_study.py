@@ -159,3 +159,12 @@ def test_the_report_computes_alp_cost_and_lists_every_cell(tmp_path):
     # every cell has its row: final reward = mean of the last 5 (here all) steps
     assert "| fp8-k4/grpo/all/s1 | 3 | 0.200 | 3 | 4 | 2 | - | 2.00 | - |" in md, md
     assert "| fp8-k4/token-alp/all/s1 | 4 | 0.250 | 4 | 5 | 3 | - | 2.25 | - |" in md, md
+
+
+def test_spearman_against_scipy_free_hand_values():
+    """rho = 1 - 6 sum d^2 / (n (n^2 - 1)) without ties; ties at their mean rank."""
+    assert report.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7.5]) == pytest.approx(0.9)
+    assert report.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties: ranks a = [0, 1.5, 1.5, 3], b = [0, 1, 2, 3] -> Pearson on ranks
+    assert report.spearman([1, 2, 2, 4], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert math.isnan(report.spearman([1, 1, 1], [1, 2, 3]))
