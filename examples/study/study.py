@@ -179,6 +179,7 @@ def run_cell(cell: Cell, ns: argparse.Namespace, num_layers: int) -> dict:
     cell_dir.mkdir(parents=True, exist_ok=True)
     cmd = cell_command(cell, ns, cell_dir, num_layers)
     env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(ns.threads)  # part of a cell's numerics: CPU reductions follow it
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.time()
     with open(cell_dir / "train.log", "a") as log:
@@ -190,7 +191,7 @@ def run_cell(cell: Cell, ns: argparse.Namespace, num_layers: int) -> dict:
     last, want = _progress(cell_dir)
     rec = dict(cell=cell.name, **dataclasses.asdict(cell), command=cmd, rc=rc, last_step=last,
                train_iters=want, finished=rc == 0 and want is not None and last >= want,
-               wall_s=round(wall + prev.get("wall_s", 0.0), 3),
+               wall_s=round(wall + prev.get("wall_s", 0.0), 3), threads=ns.threads,
                attempts=prev.get("attempts", 0) + 1)
     _write_json(rec_path, rec)
     return rec
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mismatch-interval", type=int, default=10,
                    help="--rl-mismatch-by-layer-interval of every cell (default 10)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per cell (OMP_NUM_THREADS; default 1). The committed tables "
+                        "used 1: the thread count changes CPU reduction order, hence the numbers; "
+                        "more threads than cores / --jobs oversubscribe the CPU and run far slower")
     p.add_argument("--list", action="store_true", help="print the selected cells and exit")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report")
     p.add_argument("--kl-threshold", type=float, default=1e-3,
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ns.trainer_args = extra
     ns.assets = Path(ns.assets or f"{str(ns.out).rstrip('/')}-assets")
     for flag, v in (("--asset-layers", ns.asset_layers), ("--warmup-max-steps", ns.warmup_max_steps), ("--max-seeds", ns.max_seeds), ("--train-iters", ns.train_iters),
-                    ("--save-interval", ns.save_interval), ("--jobs", ns.jobs)):
+                    ("--save-interval", ns.save_interval), ("--jobs", ns.jobs), ("--threads", ns.threads)):
         if v is not None and v < 1:
             print(f"error: {flag}={v} is invalid; expected >= 1", file=sys.stderr)
             return 2
