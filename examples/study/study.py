@@ -5,6 +5,7 @@ ablation, each cell one run of the trainer's public CLI, then the report.
     python examples/study/study.py --out runs/study --list          # the cells, nothing run
     python examples/study/study.py --out runs/study --cells 'bf16-k0/grpo/*' --train-iters 5
     python examples/study/study.py --out runs/study --report-only   # tables + plots only
+    python examples/study/study.py --out runs/study-async --grid async   # issue 22's async grid
 
 Cells (``CONDITION/PRESET/LAYERS/sSEED``):
 
@@ -19,6 +20,11 @@ Cells (``CONDITION/PRESET/LAYERS/sSEED``):
   ``first`` / ``middle`` / ``last`` (ALP on decoder layers ``[round(i L/3),
   round((i+1) L/3))``, via ``--alp-layer-start`` / ``--alp-layer-end``) and ``logits``
   (``--alp-placement logits``: the final hidden states only).
+
+``--grid async`` (issue 22's stability grid) has instead the conditions ``async-s1`` and
+``async-s4``: fully-async rollouts over a twin fleet of one bf16 engine in its own process,
+partial rollouts, ``--rl-max-staleness`` 1 / 4 and a buffer of S steps' groups
+(:func:`condition_flags`); presets grpo, token-mis, token-alp, seq-alp; seeds 1..3.
 
 Each cell runs ``python -m megatron_alp.train`` with the base config
 (``examples/study/base.yaml``), ``--rl-loss PRESET --seed SEED``, the condition's flags,
