@@ -50,6 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
 from report import STUDY_MARKER  # examples/study/report.py (this script's folder)
 
 HERE = Path(__file__).resolve().parent
@@ -155,23 +156,35 @@ def condition_flags(condition: str, prompts_per_step: int) -> list[str]:
     return ["--rl-rollout-dtype", dtype, "--rl-generation-lag", str(lag)]
 
 
-def _prompts_per_step(config: Path, extra: list[str]) -> int:
-    """``--grpo-prompts-per-step`` as the cell's trainer sees it (extra flags, else the config)."""
-    for i, a in enumerate(extra):
-        if a == "--grpo-prompts-per-step" and i + 1 < len(extra):
-            return int(extra[i + 1])
+def prompts_per_step(config: str | Path, extra: list[str]) -> int:
+    """``--grpo-prompts-per-step`` as a cell's trainer sees it: the last one among the extra
+    flags, else the ``--config``'s ``train:`` section, else the trainer's default; a
+    ``--config`` that cannot be read raises ``ValueError``."""
+    for i in range(len(extra) - 1, -1, -1):
+        a = extra[i]
         if a.startswith("--grpo-prompts-per-step="):
             return int(a.split("=", 1)[1])
-    import yaml
+        if a == "--grpo-prompts-per-step" and i + 1 < len(extra):
+            return int(extra[i + 1])
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):  # a preset name, as the trainer's --config takes it
+        path = REPO / "configs" / f"{config}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {config}: cannot read it ({e})") from None
+    v = ((data.get("train") if isinstance(data, dict) else None) or {}).get("grpo_prompts_per_step")
+    if v is None:  # the trainer's default (importing the parser takes seconds: only here)
+        from megatron_alp.train.arguments import build_parser
 
-    cfg = yaml.safe_load(Path(config).read_text()) or {}
-    return int((cfg.get("train") or cfg).get("grpo_prompts_per_step", 8))
+        v = build_parser().get_default("grpo_prompts_per_step")
+    return int(v)
 
 
 def cell_command(cell: Cell, ns: argparse.Namespace, cell_dir: Path, num_layers: int) -> list[str]:
     a = Path(ns.assets)
     async_cell = cell.condition in ASYNC_CONDITIONS
-    cond = condition_flags(cell.condition, _prompts_per_step(ns.config, ns.trainer_args) if async_cell else 0)
+    cond = condition_flags(cell.condition, prompts_per_step(ns.config, ns.trainer_args) if async_cell else 0)
     cmd = [sys.executable, "-m", "megatron_alp.train", "--config", str(ns.config),
            "--hf-model", str(a / "model"), "--rl-prompt-data", str(a / "train.jsonl"),
            "--rl-eval-data", str(a / "eval.jsonl"),
@@ -319,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             print(c.name)
         print(f"{len(cells)} cell(s)")
         return 0
+    if any(c.condition in ASYNC_CONDITIONS for c in cells):
+        try:  # sizes the async cells' buffer (--rl-async-buffer-groups S x prompts per step)
+            prompts_per_step(ns.config, ns.trainer_args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     out = Path(ns.out)
     problem = claim_study_dir(out)
     if problem:

@@ -98,6 +98,10 @@ def test_the_async_grid_and_the_flags_of_every_cell(tmp_path):
     cmd = study.cell_command(study.Cell("async-s4", "grpo", "all", 1), ns, tmp_path / "x", 6)
     assert _flag(cmd, "--rl-async-buffer-groups") == "16"
     ns.trainer_args = []
+    assert study.prompts_per_step("grpo", []) == 32  # a preset without it: the trainer's default
+    # an unreadable --config: one line, exit 2, nothing made
+    assert study.main(["--out", str(tmp_path / "o"), "--grid", "async", "--config", str(tmp_path / "no.yaml")]) == 2
+    assert not (tmp_path / "o").exists()
     # a sync cell: dtype and lag right after the seed, as before the async grid
     cmd = study.cell_command(study.Cell("fp8-k4", "grpo", "all", 2), ns, tmp_path / "y", 6)
     k = cmd.index("--seed")
