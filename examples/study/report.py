@@ -18,7 +18,14 @@ Writes ``OUT/report/report.md``, ``OUT/report/summary.json`` (one record per cel
   carries that noise);
 * every cell: one row per cell (final reward, ratio tail, KL steps, sigma, step time, wall);
 * vs GRPO: the paired t-test of the final reward against grpo's on the same seeds in the
-  same condition (the same seed gives the same first rollouts), difference, t and p.
+  same condition (the same seed gives the same first rollouts), difference, t and p;
+* async conditions (``async-s1``, ``async-s4``: ``study.py --grid async``) only: a second
+  table per condition from the ``async/*`` metrics (docs/async.md): token staleness (the
+  mean over steps of ``async/staleness_mean``, mean over seeds; the largest
+  ``async/staleness_max`` of any step and seed), the most versions one sample spans,
+  regenerated and dropped groups (the cumulative counts at the last step, mean over
+  seeds), and the trainer and engine idle fractions (mean over steps, then seeds); and
+  ``async_staleness.png``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import mean_ci, paired_t  # noqa: E402
 
 FINAL_WINDOW = 5
+CONDITION_ORDER = ("bf16-k0", "bf16-k4", "fp8-k4", "async-s1", "async-s4")
 __all__ = ["FINAL_WINDOW", "cell_summary", "write_report"]
 
 
@@ -92,6 +100,7 @@ def cell_summary(cell_dir: Path, kl_threshold: float) -> dict | None:
     mm = {k: v for k, v in next((r for r in reversed(rows) if any(k.startswith("mismatch/") for k in r)), {}).items()
           if k.startswith("mismatch/")}
     sig = {k: v for k, v in last.items() if k.startswith("alp/sigma/layer_")}
+    extra = {"async": _async_summary(rows)} if any("async/staleness_mean" in r for r in rows) else {}
     return dict(
         steps=len(rows), last_step=last["step"],
         final_reward=sum(final) / len(final) if final else math.nan,
@@ -107,8 +116,29 @@ def cell_summary(cell_dir: Path, kl_threshold: float) -> dict | None:
         rejected_tokens=_find(cfg, "is_rejected_tokens"),
         is_correction=_find(cfg, "is_correction"),
         mismatch=mm, sigma=sig,
-        curves={k: [r.get(k) for r in rows] for k in ("critic/score/mean", "is_ratio/q999", "actor/ppo_kl")},
+        curves={k: [r.get(k) for r in rows] for k in ("critic/score/mean", "is_ratio/q999", "actor/ppo_kl")
+                + (("async/staleness_mean",) if extra else ())},
+        **extra,
     )
+
+
+def _async_summary(rows: list[dict]) -> dict:
+    """A fully-async cell's ``async/*`` numbers (docs/async.md): staleness over the run,
+    the cumulative regenerated / dropped counts at the last step, mean idle fractions."""
+    def last(key: str) -> float:
+        xs = _finite(r.get(key) for r in rows)
+        return xs[-1] if xs else math.nan
+
+    def mean(key: str) -> float:
+        xs = _finite(r.get(key) for r in rows)
+        return sum(xs) / len(xs) if xs else math.nan
+
+    smax = _finite(r.get("async/staleness_max") for r in rows)
+    vmax = _finite(r.get("async/versions_per_sample_max") for r in rows)
+    return dict(staleness_mean=mean("async/staleness_mean"), staleness_max=max(smax) if smax else math.nan,
+                versions_per_sample_max=max(vmax) if vmax else math.nan,
+                regenerated_groups=last("async/regenerated_groups"), dropped_groups=last("async/dropped_groups"),
+                trainer_idle_frac=mean("async/trainer_idle_frac"), engine_idle_frac=mean("async/engine_idle_frac"))
 
 
 def _median(xs: list[float]) -> float:
@@ -159,6 +189,30 @@ def _group_table(groups: dict, keys: list, base: dict | None, title_key: str) ->
             f"{_f(sum(q) / len(q), '.3g')} | {_f(sum(rm) / len(rm), '.3g')} / {_f(max(rm), '.3g')} | "
             f"{_f(sum(kls) / len(kls), '.1f')} | {sig} | {_f(step_s, '.2f')} | {vs} |")
     return lines
+
+
+def _async_table(groups: dict, keys: list) -> list[str]:
+    """The asynchrony each preset of an async condition saw (cells with ``async/*`` only)."""
+    lines = ["| preset | seeds | staleness mean | staleness max | versions per sample max | "
+             "regenerated groups | dropped groups | trainer idle | engine idle |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def avg(xs: list) -> float:
+        xs = _finite(xs)
+        return sum(xs) / len(xs) if xs else math.nan
+
+    for key in keys:
+        a = [c["async"] for c in groups[key] if "async" in c]
+        if not a:
+            continue
+        top = _finite(x["staleness_max"] for x in a)
+        vps = _finite(x["versions_per_sample_max"] for x in a)
+        lines.append(
+            f"| {key[1]} | {len(a)} | {_f(avg(x['staleness_mean'] for x in a), '.2f')} | "
+            f"{_f(max(top) if top else math.nan, '.0f')} | {_f(max(vps) if vps else math.nan, '.0f')} | "
+            f"{_f(avg(x['regenerated_groups'] for x in a), '.1f')} | {_f(avg(x['dropped_groups'] for x in a), '.1f')} | "
+            f"{_f(avg(x['trainer_idle_frac'] for x in a), '.2f')} | {_f(avg(x['engine_idle_frac'] for x in a), '.2f')} |")
+    return lines if len(lines) > 2 else []
 
 
 def _rank(xs: list[float]) -> list[float]:
@@ -334,6 +388,25 @@ def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
         _save(fig, out / "layer_mismatch.png")
         plt.close(fig)
         written.append(out / "layer_mismatch.png")
+    asy = [c for c in conditions if any(k[0] == c and any("async" in x for x in v) for k, v in groups.items())]
+    if asy:
+        fig, axes = plt.subplots(1, len(asy), figsize=(5 * len(asy), 3.6), squeeze=False)
+        for ax, cond in zip(axes[0], asy):
+            for key in sorted(k for k in groups if k[0] == cond and k[2] == "all"):
+                curves = [c["curves"].get("async/staleness_mean", []) for c in groups[key]]
+                n = min(len(c) for c in curves)
+                if n == 0:
+                    continue
+                a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
+                ax.plot(np.arange(1, n + 1), np.nanmean(a, 0), label=key[1])
+            ax.set_title(f"async/staleness_mean ({cond}; mean over seeds)", fontsize=9)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+        _save(fig, out / "async_staleness.png")
+        plt.close(fig)
+        written.append(out / "async_staleness.png")
     return written
 
 
@@ -357,8 +430,8 @@ def write_report(study_dir: str | Path, cells: list | None = None, *, kl_thresho
     groups: dict = defaultdict(list)
     for s in summaries.values():
         groups[(s["condition"], s["preset"], s["layers"])].append(s)
-    conditions = sorted({k[0] for k in groups}, key=lambda c: ["bf16-k0", "bf16-k4", "fp8-k4"].index(c)
-                        if c in ("bf16-k0", "bf16-k4", "fp8-k4") else 9)
+    conditions = sorted({k[0] for k in groups}, key=lambda c: CONDITION_ORDER.index(c)
+                        if c in CONDITION_ORDER else len(CONDITION_ORDER))
     md = ["# ALP study report", "",
           f"Generated by `examples/study/report.py` from {len(summaries)} cell(s)' metrics.jsonl. "
           f"Final reward = mean `critic/score/mean` over the last {FINAL_WINDOW} steps; CI = 95 % t "
@@ -368,6 +441,9 @@ def write_report(study_dir: str | Path, cells: list | None = None, *, kl_thresho
         keys = sorted(k for k in groups if k[0] == cond and k[2] == "all")
         if keys:
             md += [f"## {cond}", ""] + _group_table(groups, keys, groups, "preset") + [""]
+            asy = _async_table(groups, keys)
+            if asy:
+                md += [f"Asynchrony ({cond}; `async/*`, docs/async.md):", ""] + asy + [""]
     abl = sorted(k for k in groups if k[2] != "all")
     if abl:
         keys = sorted(set(abl) | {(k[0], k[1], "all") for k in abl if (k[0], k[1], "all") in groups})

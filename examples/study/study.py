@@ -5,6 +5,7 @@ ablation, each cell one run of the trainer's public CLI, then the report.
     python examples/study/study.py --out runs/study --list          # the cells, nothing run
     python examples/study/study.py --out runs/study --cells 'bf16-k0/grpo/*' --train-iters 5
     python examples/study/study.py --out runs/study --report-only   # tables + plots only
+    python examples/study/study.py --out runs/study-async --grid async   # issue 22's async grid
 
 Cells (``CONDITION/PRESET/LAYERS/sSEED``):
 
@@ -19,6 +20,11 @@ Cells (``CONDITION/PRESET/LAYERS/sSEED``):
   ``first`` / ``middle`` / ``last`` (ALP on decoder layers ``[round(i L/3),
   round((i+1) L/3))``, via ``--alp-layer-start`` / ``--alp-layer-end``) and ``logits``
   (``--alp-placement logits``: the final hidden states only).
+
+``--grid async`` (issue 22's stability grid) has instead the conditions ``async-s1`` and
+``async-s4``: fully-async rollouts over a twin fleet of one bf16 engine in its own process,
+partial rollouts, ``--rl-max-staleness`` 1 / 4 and a buffer of S steps' groups
+(:func:`condition_flags`); presets grpo, token-mis, token-alp, seq-alp; seeds 1..3.
 
 Each cell runs ``python -m megatron_alp.train`` with the base config
 (``examples/study/base.yaml``), ``--rl-loss PRESET --seed SEED``, the condition's flags,
@@ -44,6 +50,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
 from report import STUDY_MARKER  # examples/study/report.py (this script's folder)
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +67,21 @@ ABLATION_LAYERS = ("first", "middle", "last", "logits")
 # ~0.02 per element, so sigma_0 is scaled down from the paper's 0.02
 ALP_FLAGS = ("--alp-init-std", "1e-3", "--alp-lr", "1e-2", "--alp-weight-decay", "0")
 
+# The async stability grid (issue 22, ``--grid async``): fully-async rollouts over a twin
+# fleet of one engine in its own process, partial rollouts, the staleness bound S.
+GRIDS = ("main", "async")
+ASYNC_CONDITIONS = {"async-s1": 1, "async-s4": 4}  # condition -> --rl-max-staleness S
+ASYNC_PRESETS = ("grpo", "token-mis", "token-alp", "seq-alp")
+ASYNC_SEEDS = 3
+# bf16 engines, as bf16-k0 / bf16-k4: the async cells differ from those only in where the
+# staleness comes from (real asynchrony, not --rl-generation-lag); fp32 engines would
+# remove the precision mismatch ALP and MIS also correct.
+ASYNC_ENGINE_DTYPE = "bf16"
+# 2 segments of 4 tokens per response (--rl-max-new-tokens 8): a sequence can span an update
+ASYNC_SEGMENT_TOKENS = 4
+ASYNC_FLAGS = ("--rl-rollout-engine", "fleet", "--rl-fleet-engines", "1", "--rl-async-mode", "fully-async",
+               "--rl-partial-rollouts", "--rl-partial-rollout-tokens", str(ASYNC_SEGMENT_TOKENS))
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Cell:
@@ -73,10 +95,19 @@ class Cell:
         return f"{self.condition}/{self.preset}/{self.layers}/s{self.seed}"
 
 
-def all_cells(max_seeds: int | None = None) -> list[Cell]:
-    """Every cell of the study, in run order (grouped by seed first, so a partial study
-    has complete pairs early)."""
+def all_cells(max_seeds: int | None = None, grid: str = "main") -> list[Cell]:
+    """Every cell of the study's ``grid`` (``main``: issue 21's; ``async``: the stability
+    grid of issue 22), in run order (grouped by seed first, so a partial study has
+    complete pairs early)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid {grid!r} is not one of {GRIDS}")
     cells = []
+    if grid == "async":
+        for cond in ASYNC_CONDITIONS:
+            for preset in ASYNC_PRESETS:
+                for seed in range(1, 1 + min(ASYNC_SEEDS, max_seeds or ASYNC_SEEDS)):
+                    cells.append(Cell(cond, preset, "all", seed))
+        return sorted(cells, key=lambda c: (c.seed, c.condition, c.preset, c.layers))
     for cond in CONDITIONS:
         for preset in PRESETS:
             n = 5 if preset in FIVE_SEEDS else 3
@@ -110,14 +141,54 @@ def layer_flags(layers: str, num_layers: int) -> list[str]:
     return ["--alp-layer-start", str(start), "--alp-layer-end", str(end)]
 
 
+def condition_flags(condition: str, prompts_per_step: int) -> list[str]:
+    """The trainer flags of a condition. Sync: the rollout dtype and ``--rl-generation-lag``.
+    Async: fully-async over the fleet with ``--rl-max-staleness S`` and a buffer of S
+    steps' groups (``--rl-async-buffer-groups S x prompts``): the engine, faster than the
+    trainer here, fills it and the trainer takes its oldest groups, so the tokens really
+    get up to S versions old (with the default buffer of one step's groups they stay
+    <= 1 whatever S is)."""
+    if condition in ASYNC_CONDITIONS:
+        s = ASYNC_CONDITIONS[condition]
+        return ["--rl-rollout-dtype", ASYNC_ENGINE_DTYPE, *ASYNC_FLAGS, "--rl-max-staleness", str(s),
+                "--rl-async-buffer-groups", str(s * prompts_per_step)]
+    dtype, lag = CONDITIONS[condition]
+    return ["--rl-rollout-dtype", dtype, "--rl-generation-lag", str(lag)]
+
+
+def prompts_per_step(config: str | Path, extra: list[str]) -> int:
+    """``--grpo-prompts-per-step`` as a cell's trainer sees it: the last one among the extra
+    flags, else the ``--config``'s ``train:`` section, else the trainer's default; a
+    ``--config`` that cannot be read raises ``ValueError``."""
+    for i in range(len(extra) - 1, -1, -1):
+        a = extra[i]
+        if a.startswith("--grpo-prompts-per-step="):
+            return int(a.split("=", 1)[1])
+        if a == "--grpo-prompts-per-step" and i + 1 < len(extra):
+            return int(extra[i + 1])
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):  # a preset name, as the trainer's --config takes it
+        path = REPO / "configs" / f"{config}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {config}: cannot read it ({e})") from None
+    v = ((data.get("train") if isinstance(data, dict) else None) or {}).get("grpo_prompts_per_step")
+    if v is None:  # the trainer's default (importing the parser takes seconds: only here)
+        from megatron_alp.train.arguments import build_parser
+
+        v = build_parser().get_default("grpo_prompts_per_step")
+    return int(v)
+
+
 def cell_command(cell: Cell, ns: argparse.Namespace, cell_dir: Path, num_layers: int) -> list[str]:
-    dtype, lag = CONDITIONS[cell.condition]
     a = Path(ns.assets)
+    async_cell = cell.condition in ASYNC_CONDITIONS
+    cond = condition_flags(cell.condition, prompts_per_step(ns.config, ns.trainer_args) if async_cell else 0)
     cmd = [sys.executable, "-m", "megatron_alp.train", "--config", str(ns.config),
            "--hf-model", str(a / "model"), "--rl-prompt-data", str(a / "train.jsonl"),
            "--rl-eval-data", str(a / "eval.jsonl"),
-           "--rl-loss", cell.preset, "--seed", str(cell.seed),
-           "--rl-rollout-dtype", dtype, "--rl-generation-lag", str(lag),
+           "--rl-loss", cell.preset, "--seed", str(cell.seed), *cond,
            "--rl-mismatch-by-layer-interval", str(ns.mismatch_interval),
            "--save", str(cell_dir / "checkpoints"), "--rl-run-dir", str(cell_dir),
            "--save-interval", str(ns.save_interval)]
@@ -221,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(HERE / "base.yaml"), help="the trainer's base --config")
     p.add_argument("--cells", default=None, help="comma-separated globs on cell names, e.g. "
                    "'bf16-k0/grpo/*,fp8-k4/*/logits/s1' (default: all)")
+    p.add_argument("--grid", default="main", choices=GRIDS,
+                   help="main: issue 21's grid (default); async: the stability grid of issue 22 "
+                        "(async-s1 / async-s4: fully-async over a 1-engine twin fleet with partial "
+                        "rollouts and --rl-max-staleness 1 / 4; grpo, token-mis, token-alp, seq-alp; "
+                        "seeds 1..3)")
     p.add_argument("--max-seeds", type=int, default=None, help="cap the seeds per preset")
     p.add_argument("--train-iters", type=int, default=None, help="override the config's --train-iters")
     p.add_argument("--save-interval", type=int, default=10, help="checkpoint every N steps (resume point)")
@@ -246,15 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     if ns.mismatch_interval < 0:
         print(f"error: --mismatch-interval={ns.mismatch_interval} is invalid; expected >= 0", file=sys.stderr)
         return 2
-    cells = select(all_cells(ns.max_seeds), ns.cells)
+    cells = select(all_cells(ns.max_seeds, ns.grid), ns.cells)
     if not cells:
-        print(f"error: --cells {ns.cells!r} matches no cell (see --list)", file=sys.stderr)
+        print(f"error: --cells {ns.cells!r} matches no cell of --grid {ns.grid} (see --list; the "
+              f"grids: {', '.join(GRIDS)})", file=sys.stderr)
         return 2
     if ns.list:
         for c in cells:
             print(c.name)
         print(f"{len(cells)} cell(s)")
         return 0
+    if any(c.condition in ASYNC_CONDITIONS for c in cells):
+        try:  # sizes the async cells' buffer (--rl-async-buffer-groups S x prompts per step)
+            prompts_per_step(ns.config, ns.trainer_args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     out = Path(ns.out)
     problem = claim_study_dir(out)
     if problem:

@@ -22,7 +22,16 @@ balancing, retries and weight broadcast run for real on a CPU machine:
 
 Generation requests are queued and decoded together by one worker thread (rows of
 requests with the same sampling settings share a batch, up to ``--max-batch-size``);
-weight loading takes the same lock, so it never interleaves with a decode. Errors are
+weight loading takes the same lock, so it never interleaves with a decode, and from the
+first bucket of an update to its commit no decode starts (an in-flight update: the engine
+finishes the batch it is decoding, loads the whole bucket set, then resumes), so every
+batch is decoded by exactly one weight version, the one it reports.
+
+``--simulate-tokens-per-s R`` simulates an engine on its own GPU: a decode batch that
+made n tokens holds the engine for at least n / R seconds (the CPU sleeps, it does not
+compute), so trainer and engines overlap in wall time on a machine whose cores they
+share (``benchmarks/async_throughput.py``). ``/health`` reports ``busy_s``, the seconds
+spent decoding (simulated time included), from which the client measures idle time. Errors are
 answered as HTTP 4xx/5xx with ``{"error": message}``.
 """
 
@@ -35,6 +44,7 @@ import os
 import queue
 import sys
 import threading
+import time
 import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,11 +70,16 @@ class _Job:
 class EngineServer:
     """A :class:`LocalEngine` behind HTTP plus a gloo weight-receiving member."""
 
-    def __init__(self, engine: LocalEngine, host: str, port: int) -> None:
+    def __init__(self, engine: LocalEngine, host: str, port: int, *,
+                 simulate_tokens_per_s: float | None = None) -> None:
         self.engine = engine
         self.instance = uuid.uuid4().hex
         self.weight_version = 0
         self.lock = threading.Lock()  # decode XOR weight load
+        self.resumed = threading.Condition(self.lock)  # no decode starts while `updating`
+        self.updating = False  # between an update's first bucket and its commit
+        self.simulate_tokens_per_s = simulate_tokens_per_s
+        self.busy_s = 0.0
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.group: GlooGroup | None = None
         self.epoch = -1
@@ -93,9 +108,16 @@ class EngineServer:
             for job in held:
                 self.jobs.put(job)
             try:
-                with self.lock, torch.inference_mode():
+                with self.resumed, torch.inference_mode():
+                    while self.updating:  # an update is loading: decode after its commit
+                        self.resumed.wait()
+                    t0 = time.perf_counter()
                     comps = self.engine.generate_rows([r for j in batch for r in j.rows], first.sampling)
                     version = self.weight_version
+                    if self.simulate_tokens_per_s:  # the simulated device is busy this long
+                        made = sum(len(c.token_ids) for c in comps)
+                        time.sleep(max(0.0, made / self.simulate_tokens_per_s - (time.perf_counter() - t0)))
+                    self.busy_s += time.perf_counter() - t0
                 k = 0
                 for job in batch:
                     job.result = (comps[k : k + len(job.rows)], version)
@@ -121,8 +143,11 @@ class EngineServer:
         group = GlooGroup(body["host"], int(body["port"]), int(body["rank"]),
                           int(body["world_size"]), timeout_s=float(body["timeout_s"]))
         group.connect()
-        self.group, self.epoch = group, int(body["epoch"])
-        self._seen = set()
+        with self.resumed:  # a new epoch: whatever update was loading is abandoned
+            self.group, self.epoch = group, int(body["epoch"])
+            self._seen = set()
+            self.updating = False
+            self.resumed.notify_all()
         return dict(rank=group.rank, epoch=self.epoch)
 
     def receive_bucket(self, body: dict) -> dict:
@@ -133,8 +158,10 @@ class EngineServer:
         twice = [n for n in names if n in self._seen] or [n for k, n in enumerate(names) if n in names[:k]]
         params = dict(self.engine.model.named_parameters())
         staged_meta, n_bytes = [], 0
-        # Whole bucket under the lock: no decode reads a half-written model.
+        # Whole bucket under the lock, and no decode until the commit: no decode reads a
+        # half-written model, nor one holding some buckets of the next version.
         with self.lock, torch.no_grad():
+            self.updating = True
             for name, dt, shape in zip(names, dtypes, shapes, strict=True):
                 p = params.get(name)
                 if (p is not None and not twice and str(p.dtype).removeprefix("torch.") == dt
@@ -157,14 +184,17 @@ class EngineServer:
         return dict(bytes=n_bytes)
 
     def commit(self, body: dict) -> dict:
-        params = {n for n, _ in self.engine.model.named_parameters()}
-        missing = sorted(params - self._seen)
-        self._seen = set()
-        self.engine.weights_loaded()  # broadcasts into p.data bypass update_weights
-        if missing:
-            raise ValueError(f"weight update did not send {len(missing)} parameter(s): {missing[:8]}")
-        self.weight_version = int(body["version"])
-        return dict(weight_version=self.weight_version)
+        with self.resumed:
+            params = {n for n, _ in self.engine.model.named_parameters()}
+            missing = sorted(params - self._seen)
+            self._seen = set()
+            self.engine.weights_loaded()  # broadcasts into p.data bypass update_weights
+            if missing:
+                raise ValueError(f"weight update did not send {len(missing)} parameter(s): {missing[:8]}")
+            self.weight_version = int(body["version"])
+            self.updating = False
+            self.resumed.notify_all()
+            return dict(weight_version=self.weight_version)
 
     def digest(self) -> dict:
         with self.lock:
@@ -175,7 +205,7 @@ class EngineServer:
         # max_num_seqs: rows decoded together (the fleet client's in-flight cap, as
         # vLLM's scheduler limit is for a vllm serve engine).
         return dict(instance=self.instance, weight_version=self.weight_version, pid=os.getpid(),
-                    max_num_seqs=self.engine.max_batch_size,
+                    max_num_seqs=self.engine.max_batch_size, busy_s=self.busy_s,
                     model_type=self.engine.model.config.model_type,
                     dtype=str(self.engine.dtype).removeprefix("torch."))
 
@@ -241,13 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (like vLLM), float32, or fp8 (the W8A8 emulation, docs/rollout.md)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--simulate-tokens-per-s", type=float, default=None, metavar="R",
+                   help="simulate an engine on its own GPU: a decode batch that made n tokens "
+                        "takes at least n / R seconds (sleeping, not computing; default: off)")
     args = p.parse_args(argv)
+    if args.simulate_tokens_per_s is not None and not args.simulate_tokens_per_s > 0:
+        p.error(f"--simulate-tokens-per-s={args.simulate_tokens_per_s} is invalid; expected tokens/s > 0")
     if not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a folder (an HF model folder is expected)")
     torch.set_num_threads(args.threads)
     try:
         engine = LocalEngine(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size)
-        server = EngineServer(engine, args.host, args.port)
+        server = EngineServer(engine, args.host, args.port,
+                              simulate_tokens_per_s=args.simulate_tokens_per_s)
     except (ValueError, OSError) as e:
         print(f"engine_server: {e}", file=sys.stderr)
         return 2

@@ -280,6 +280,7 @@ class FleetEngine:
         self._sender_cls: Any = GlooSender if backend == "twin" else NcclSender
         self.stats = dict(requests=0, retries=0, engine_failures=0, syncs=0, epochs=0)
         self._lock = threading.Lock()
+        self._sched = threading.Lock()  # engine picks and in-flight counts (several callers)
         # Threads start as requests need them: at most one per request in flight.
         self._pool = cf.ThreadPoolExecutor(
             max_workers=min(MAX_CLIENT_THREADS, max(16, len(self.engines) * (max_in_flight or 1024))),
@@ -383,19 +384,44 @@ class FleetEngine:
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         rows = [(i, j, list(p)) for i, p in enumerate(prompt_token_ids) for j in range(sampling.n)]
-        queue = [(unit, ()) for unit in group_units(rows, sampling.n, self.rows_per_request)]
-        done: dict[tuple[int, int], Completion] = {}
-        running: dict[cf.Future, tuple[_EngineState, list, tuple]] = {}
         self.refresh()
+        done = self._serve(rows, sampling, any_version=False)
+        return [done[(i, j)][0] for i, j, _ in rows]
+
+    def generate_rows(
+        self, rows: Sequence[tuple[int, int, Sequence[int]]], sampling: SamplingParams
+    ) -> list[tuple[Completion, int]]:
+        """One completion per row ``(prompt_index, sample_index, prompt_ids)`` in row order,
+        each with the fleet weight version that produced it (asynchronous rollouts,
+        ``megatron_alp.train.async_rollouts``). Unlike :meth:`generate`, an answer made
+        under an earlier version than the client's is accepted and labelled with it:
+        weights may be pushed while these rows are decoded (an in-flight update). Thread
+        safe: several threads may call it while another runs :meth:`update_weights`.
+        Only engines that report their version (the twin) can label completions."""
+        if self.backend != "twin":
+            raise FleetError("fleet: versioned generation (asynchronous rollouts) needs engines "
+                             f"that report their weight version; the {self.backend!r} backend does not")
+        check_ratio_sampling(sampling, allow_truncation=self.allow_truncation)
+        rows = [(int(i), int(j), list(p)) for i, j, p in rows]
+        done = self._serve(rows, sampling, any_version=True)
+        return [done[(i, j)] for i, j, _ in rows]
+
+    def _serve(self, rows: list, sampling: SamplingParams, *, any_version: bool) -> dict:
+        """Send ``rows`` as requests of whole prompt groups until every row is answered once;
+        ``{(i, j): (Completion, version)}``."""
+        queue = [(unit, ()) for unit in group_units(rows, sampling.n, self.rows_per_request)]
+        done: dict[tuple[int, int], tuple[Completion, int]] = {}
+        running: dict[cf.Future, tuple[_EngineState, list, tuple]] = {}
         while queue or running:
             while queue:
                 unit, failed_on = queue[0]
-                st = self._pick(len(unit), avoid=failed_on)
-                if st is None:
-                    break
+                with self._sched:  # callers in several threads share the engines' counts
+                    st = self._pick(len(unit), avoid=failed_on)
+                    if st is None:
+                        break
+                    st.in_flight += len(unit)
+                    self.stats["requests"] += 1
                 queue.pop(0)
-                st.in_flight += len(unit)
-                self.stats["requests"] += 1
                 fut = self._pool.submit(st.endpoint.generate, unit, sampling,
                                         timeout=self.request_timeout_s)
                 running[fut] = (st, unit, failed_on)
@@ -405,19 +431,21 @@ class FleetEngine:
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
                 st, unit, failed_on = running.pop(fut)
-                st.in_flight -= len(unit)
-                why = self._accept(st, unit, fut, done)
+                with self._sched:
+                    st.in_flight -= len(unit)
+                why = self._accept(st, unit, fut, done, any_version=any_version)
                 if why is None:
                     continue
                 failed_on = failed_on + (id(st),)
                 if len(failed_on) >= self.max_attempts:
                     raise FleetError(f"fleet: a request of prompt {unit[0][0]} failed "
                                      f"{len(failed_on)} times; last: {why}")
-                self.stats["retries"] += 1
+                with self._sched:
+                    self.stats["retries"] += 1
                 queue.insert(0, (unit, failed_on))  # retried first: the rollout's tail is short
         missing = [(i, j) for i, j, _ in rows if (i, j) not in done]
         assert not missing and len(done) == len(rows), missing[:4]
-        return [done[(i, j)] for i, j, _ in rows]
+        return done
 
     def _pick(self, size: int, avoid: tuple = ()) -> _EngineState | None:
         """The serving engine with the fewest completions in flight that has room for
@@ -435,7 +463,8 @@ class FleetEngine:
             return None  # a fresh engine is busy: wait for it rather than repeat a failure
         return min(fresh or ok, key=lambda st: (st.in_flight, st.served))
 
-    def _accept(self, st: _EngineState, unit: list, fut: cf.Future, done: dict) -> str | None:
+    def _accept(self, st: _EngineState, unit: list, fut: cf.Future, done: dict, *,
+                any_version: bool = False) -> str | None:
         """Store a finished request's completions; the reason it must be retried, or None."""
         try:
             comps, version = fut.result()
@@ -444,7 +473,7 @@ class FleetEngine:
         except EngineDown as e:
             self._mark_down(st, str(e))
             return str(e)
-        if version is not None and version != self.version:
+        if version is not None and version != self.version and not any_version:
             st.version = version
             return f"{st.endpoint.url} answered with weight version {version}, expected {self.version}"
         keys = [(i, j) for i, j, _ in unit]
@@ -455,20 +484,36 @@ class FleetEngine:
             return f"{st.endpoint.url}: completion {keys[0]} finished with {bad[0].finish_reason!r}"
         for c in comps:  # exactly once: a unit is only ever accepted from one answer
             assert (c.prompt_index, c.sample_index) not in done
-            done[(c.prompt_index, c.sample_index)] = c
+            done[(c.prompt_index, c.sample_index)] = (c, self.version if version is None else version)
         st.served += len(comps)
         return None
 
     def _no_engine(self) -> None:
-        time.sleep(0.5)
-        self.refresh()
-        if any(self._serving(st) for st in self.engines):
-            return
+        for _ in range(3):  # a probe racing a commit may have read the version before it
+            time.sleep(0.5)
+            self.refresh()
+            if any(self._serving(st) for st in self.engines):
+                return
         lines = [f"{st.endpoint.url}: " + ("down: " + st.last_error if not st.up else
                  f"holds weight version {st.version}, current is {self.version}"
                  + (" (restarted or failed: waits for the next update_weights)" if st.stale else ""))
                  for st in self.engines]
         raise FleetError("fleet: no engine can serve the current weights:\n  " + "\n  ".join(lines))
+
+    def busy_seconds(self) -> tuple[float, int] | None:
+        """(seconds the engines spent decoding since they started, summed; engines that
+        said), from each twin's ``/health`` (``busy_s``): the engines' idle fraction is
+        measured from its growth. None when no engine reports it (vLLM)."""
+        total, n = 0.0, 0
+        for st in self.engines:
+            try:
+                h = st.endpoint.health(timeout=self.health_timeout_s)
+            except (EngineDown, EngineError):
+                continue
+            if h.get("busy_s") is not None:
+                total += float(h["busy_s"])
+                n += 1
+        return (total, n) if n else None
 
     # -- weights -------------------------------------------------------------------------
     def update_weights(self, stream: Iterable[WeightBucket]) -> dict[str, Any]:

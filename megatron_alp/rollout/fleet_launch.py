@@ -148,11 +148,17 @@ class LocalFleet:
         host: str = "127.0.0.1", base_port: int | None = None, gpus: Sequence[int] | None = None,
         gpus_per_engine: int = 1, reserve_gpus: Sequence[int] = (), extra_args: Sequence[str] = (),
         startup_timeout_s: float = 600.0, log_dir: str | None = None, max_restarts: int = 5,
+        engine_args: Sequence[Sequence[str]] | None = None,
     ) -> None:
         from megatron_alp.launch import free_port
 
         self.backend, self.model, self.dtype, self.host = backend, model, dtype, host
         self.extra = list(extra_args)
+        # per engine, after extra_args (e.g. one --simulate-tokens-per-s each: slow and fast engines)
+        self.engine_args = [list(a) for a in engine_args] if engine_args else [[] for _ in range(num_engines)]
+        if len(self.engine_args) != num_engines:
+            raise ValueError(f"LocalFleet: engine_args has {len(self.engine_args)} entries for "
+                             f"{num_engines} engines")
         self.gpus_per_engine = gpus_per_engine
         self.startup_timeout_s = startup_timeout_s
         self.log_dir = log_dir
@@ -197,7 +203,7 @@ class LocalFleet:
         env = self.engine_env(k)
         cmd = engine_command(self.backend, self.model, self.ports[k], host=self.host,
                              dtype=self.dtype, gpus_per_engine=self.gpus_per_engine, seed=k,
-                             extra=self.extra, cpu=self.cpu)
+                             extra=self.extra + self.engine_args[k], cpu=self.cpu)
         path = self.log_path(k)
         out = open(path, "ab") if path else subprocess.DEVNULL
         try:

@@ -34,6 +34,8 @@ from megatron_alp.rl.losses import PolicyLossConfig
 from megatron_alp.train.args import megatron as mg
 from megatron_alp.train.args import run as run_args
 from megatron_alp.train.args.alp import resolve_alp
+from megatron_alp.train.args.async_rl import async_config
+from megatron_alp.train.async_rollouts import AsyncConfig
 from megatron_alp.train.args.config_file import check_train_section, read_config, yaml_train_argv
 from megatron_alp.train.args.fleet import engine_kwargs
 from megatron_alp.train.args.multiturn import check_multiturn
@@ -108,6 +110,8 @@ class RunConfig:
     """Address-space limit of one program, MiB (``SandboxLimits.memory_mb``; local pool only)."""
     mismatch_by_layer_interval: int = 0
     """Every N steps log ``mismatch/layer_NN`` (``megatron_alp.train.layer_mismatch``); 0: off."""
+    async_cfg: AsyncConfig = dataclasses.field(default_factory=AsyncConfig)
+    """How rollouts overlap training (``--rl-async-mode``; ``train/async_rollouts.py``)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -166,7 +170,8 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- parsing
-def _run_config(args: Any, *, max_prompt: int, estimator: str, run_dir: Path) -> RunConfig:
+def _run_config(args: Any, *, max_prompt: int, estimator: str, run_dir: Path,
+                async_cfg: AsyncConfig) -> RunConfig:
     """The checked flags of the run, fleet and multi-turn groups as a :class:`RunConfig`."""
     return RunConfig(
         hf_model=Path(args.hf_model),
@@ -198,6 +203,7 @@ def _run_config(args: Any, *, max_prompt: int, estimator: str, run_dir: Path) ->
         sandbox_timeout_s=float(args.rl_sandbox_timeout_s),
         sandbox_memory_mb=args.rl_sandbox_memory_mb,
         mismatch_by_layer_interval=args.rl_mismatch_by_layer_interval,
+        async_cfg=async_cfg,
     )
 
 
@@ -240,7 +246,8 @@ def parse_args(argv: Sequence[str] | None = None, *, world_size: int | None = No
     check_multiturn(args)
     mg.validate_with_megatron(args, world_size)
 
-    run = _run_config(args, max_prompt=max_prompt, estimator=estimator, run_dir=run_dir)
+    run = _run_config(args, max_prompt=max_prompt, estimator=estimator, run_dir=run_dir,
+                      async_cfg=async_config(args, full_argv))
     return TrainConfig(
         parallel=parallel,
         world_size=world_size,

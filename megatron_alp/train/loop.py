@@ -33,8 +33,8 @@ from megatron_alp.data import PromptDataset, PromptSampler
 from megatron_alp.perturbation import alp_metrics, perturbed, step_key
 from megatron_alp.rl.losses import compute_policy_loss, effective_loss_mask, global_loss_counts
 from megatron_alp.rl.metrics import MismatchMetrics
-from megatron_alp.rollout import SamplingParams, create_engine
 from megatron_alp.train import checkpoint as ckpt
+from megatron_alp.train.engine_link import EngineLink
 from megatron_alp.train.batches import (
     StepTensors,
     local_sample_ids,
@@ -46,14 +46,7 @@ from megatron_alp.train.logging import RunLogger, progress_line, say_layer_spec,
 from megatron_alp.train.policy import Policy
 from megatron_alp.train.signals import ExitSignal, StepInterrupted
 from megatron_alp.train.sync_host import share_sync_host
-from megatron_alp.train.rollouts import (
-    Sample,
-    add_advantages,
-    encode_prompts,
-    generate,
-    generate_multiturn,
-    pass_at_k,
-)
+from megatron_alp.train.rollouts import Sample, add_advantages, pass_at_k
 
 __all__ = ["run"]
 
@@ -91,7 +84,7 @@ def _metrics_owner() -> int:
     return int(torch.nonzero(flags)[0].item())
 
 
-class Trainer:
+class Trainer(EngineLink):
     """State of one run on one rank; :func:`run` drives it."""
 
     def __init__(self, cfg: Any, stop: ExitSignal | None = None) -> None:
@@ -115,6 +108,12 @@ class Trainer:
         self.sandbox = None  # multi-turn only (rank 0): SandboxPool or SandboxClient
         self.rollout_metrics: dict[str, float] = {}
         self.wandb_id = None
+        self.source = None  # rank 0 under --rl-async-mode: the asynchronous rollout source
+        self.async_state = None  # its checkpointed state, until the source exists
+        self.async_started = False
+        self.async_metrics: dict[str, float] = {}
+        self.sync_wait_s = 0.0
+        self.idle_meter = None  # the engines' idle fraction (a synchronous fleet run)
         from megatron.core import parallel_state as ps
 
         self.ps = ps
@@ -125,170 +124,22 @@ class Trainer:
         self.multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
         self.metrics_owner = _metrics_owner()
 
-    # ------------------------------------------------------------------ engine side
-    def start_engine(self) -> None:
-        if self.rank != 0:
-            return
-        from transformers import AutoTokenizer
-
-        run = self.cfg.run
-        self.tokenizer = AutoTokenizer.from_pretrained(str(run.hf_model))
-        self.prompt_ids = encode_prompts(
-            self.tokenizer, self.dataset.prompts, max_length=run.max_prompt_length,
-            source=f"--rl-prompt-data {run.prompt_data}",
-        )
-        self.eval_ids = (
-            encode_prompts(self.tokenizer, self.eval_set.prompts, max_length=run.max_prompt_length,
-                           source=f"--rl-eval-data {run.eval_data}")
-            if self.eval_set is not None else None
-        )
-        dtype = {"fp32": "float32", "fp8": "fp8"}.get(run.rollout_dtype, "bfloat16")
-        kwargs: dict[str, Any] = dict(model=str(run.hf_model), dtype=dtype, **run.engine_kwargs)
-        if run.rollout_engine == "local":
-            kwargs["device"] = str(platform.device())
-        self.engine = create_engine(run.rollout_engine, **kwargs)
-        if run.verify_weights_swap and not (
-            hasattr(self.engine, "verify_weights") or hasattr(self.engine, "model")
-        ):
-            raise ValueError(
-                f"--rl-verify-model-weights-swap: the {run.rollout_engine!r} engine cannot report "
-                "its weights for the check; drop the flag or use --rl-rollout-engine local"
-            )
-        eos = self.tokenizer.eos_token_id
-        self.stop_ids = (eos,) if eos is not None else ()
-        if run.max_turns > 1:
-            self._start_sandbox()
-
-    def _start_sandbox(self) -> None:
-        from megatron_alp.rollout import MultiTurnConfig
-        from megatron_alp.sandbox import SandboxLimits, SandboxPool, sandbox_client
-
-        run = self.cfg.run
-        if run.sandbox == "local":
-            limits = SandboxLimits(timeout_s=run.sandbox_timeout_s, memory_mb=run.sandbox_memory_mb)
-            self.sandbox = SandboxPool(max_concurrency=run.sandbox_concurrency, limits=limits)
-        else:
-            self.sandbox = sandbox_client(run.sandbox, max_concurrency=run.sandbox_concurrency)
-            self.sandbox.health()  # fail at start, not at the first tool call
-        # --rl-max-new-tokens bounds the whole trajectory's response, so it fits --seq-length
-        self.multiturn = MultiTurnConfig(max_turns=run.max_turns, max_response_tokens=run.max_new_tokens)
-
-    def _generate(self, prompt_ids, rows, answers, sampling, reward_fn) -> list[Sample]:
-        """Single-turn :func:`generate`, or multi-turn trajectories with ``--rl-max-turns > 1``."""
-        if self.sandbox is None:
-            return generate(self.engine, self.tokenizer, prompt_ids, rows, answers, sampling, reward_fn)
-        samples, self.rollout_metrics = generate_multiturn(
-            self.engine, self.tokenizer, prompt_ids, rows, answers, sampling, reward_fn,
-            self.sandbox, self.multiturn,
-        )
-        return samples
-
-    def _engine_sleep(self, timing: dict[str, float]) -> None:
-        """A colocated engine gives its GPU memory back for the update (``--rl-engine-sleep-level``);
-        the next weight sync wakes it (weights first, then its KV cache)."""
-        level = self.cfg.run.engine_sleep_level
-        if self.rank == 0 and level:
-            t0 = time.perf_counter()
-            self.engine.sleep(level)
-            timing["engine_sleep"] = time.perf_counter() - t0
-
-    def _export_stream(self):
-        """The HF-named weight stream in the engine's dtype (collective: every rank drains it).
-
-        One buffer serves every bucket (``ExportBuffers``): a bucket's tensors are
-        overwritten by the next bucket, so every consumer here copies or sends a bucket
-        before asking for the next one (the engines' ``update_weights``, ``_export``).
-        """
-        from megatron_alp.convert.live_export import ExportBuffers, export_hf_buckets
-
-        dtype = torch.float32 if self.cfg.run.rollout_dtype == "fp32" else torch.bfloat16
-        if platform.device().type == "cpu":
-            # Kept from sync to sync: fresh pages cost a first touch on every export.
-            if self.export_buffers is None:
-                self.export_buffers = ExportBuffers()
-            buffers = self.export_buffers
-        else:
-            # One sync only: the caching allocator makes the next allocation free, and a
-            # held buffer would be memory the training step cannot use.
-            buffers = ExportBuffers()
-        return export_hf_buckets(self.policy.model, self.hf_config, dtype=dtype, buffers=buffers)
-
-    def _export(self) -> list[list[tuple[str, torch.Tensor]]] | None:
-        """Every rank runs the export; rank 0 gets the buckets (copied, engine dtype)."""
-        buckets = []
-        for bucket in self._export_stream():
-            if self.rank == 0:
-                # a real copy: the stream's buffer is overwritten by the next bucket
-                buckets.append([(n, t.detach().to("cpu", copy=True)) for n, t in bucket])
-        return buckets if self.rank == 0 else None
-
-    def _load_engine(self, buckets) -> None:
-        if self.rank != 0:
-            return
-        self.engine.update_weights(iter(buckets))
-        if self.cfg.run.verify_weights_swap:
-            verify = getattr(self.engine, "verify_weights", None)
-            if verify is not None:  # engines that can compare on their side (the fleet)
-                verify(iter(buckets))
-                return
-            params = dict(self.engine.model.named_parameters())
-            for bucket in buckets:
-                for name, t in bucket:
-                    if not torch.equal(params[name].detach().cpu(), t.to(params[name].dtype)):
-                        raise RuntimeError(
-                            f"--rl-verify-model-weights-swap: the engine's {name} differs from the "
-                            "weights sent"
-                        )
-
-    def sync_weights(self) -> None:
-        """Push the current policy (or the one K updates old) to the engine.
-
-        Without a lag the export streams straight into the engine (bucket by bucket, no
-        copy kept); with ``--rl-generation-lag K`` rank 0 keeps the last K + 1 exports.
-        """
-        run = self.cfg.run
-        if run.generation_lag == 0 and not run.verify_weights_swap:
-            stream = self._export_stream()
-            if self.rank == 0:
-                self.engine.update_weights(stream)
-            for _ in stream:  # drain: every rank takes part in each bucket's collectives
-                pass
-            return
-        buckets = self._export()
-        if self.rank != 0:
-            return
-        self.lagged.append(buckets)
-        while len(self.lagged) > run.generation_lag + 1:
-            self.lagged.popleft()
-        self._load_engine(self.lagged[0])
-
     # ------------------------------------------------------------------ one step
-    def _sampling(self, n: int, seed: int) -> SamplingParams:
-        run = self.cfg.run
-        return SamplingParams(
-            temperature=run.temperature, top_p=run.top_p, top_k=run.top_k,
-            max_new_tokens=run.max_new_tokens, n=n, seed=seed, stop_token_ids=self.stop_ids,
-        )
-
     def rollouts(self, timing: dict[str, float]) -> tuple[list[Sample] | None, StepTensors | None, int, int]:
-        """Rank 0 generates; every rank learns the step's ``(N, S)``. Returns the samples
-        and their ``[N, S]`` tensors on rank 0 (None elsewhere), N and S."""
-        from megatron_alp.rewards import get_reward
-
+        """The step's samples from the rollout source — rank 0 generates them now
+        (synchronous) or takes them from the asynchronous buffer (``--rl-async-mode``);
+        every rank learns the step's ``(N, S)``. Returns the samples and their ``[N, S]``
+        tensors on rank 0 (None elsewhere), N and S."""
         run = self.cfg.run
         self._sampler_before = self.sampler.state_dict()  # a dropped step draws its prompts again
-        rows = self.sampler.next(run.prompts_per_step)
+        rows = self.sampler.next(run.prompts_per_step) if self.source is None and not run.async_cfg.enabled else None
         samples = st = None
         shape = None
         if self.rank == 0:
             t0 = time.perf_counter()
-            seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
             try:
                 with self.stop.interruptible():
-                    samples = self._generate(
-                        self.prompt_ids, rows, self.dataset.answers,
-                        self._sampling(run.group_size, seed), get_reward(run.reward),
-                    )
+                    samples = self._rollouts_now(rows) if self.source is None else self._rollouts_taken()
                     add_advantages(samples, run.advantage_estimator)
             except StepInterrupted:
                 samples = _INTERRUPTED
@@ -303,6 +154,21 @@ class Trainer:
             self._drop_step("rollouts")
         N, S = shape
         return samples, st, N, S
+
+    def _rollouts_now(self, rows: list[int]) -> list[Sample]:
+        """The synchronous source: generate the step's groups on the engine now."""
+        from megatron_alp.rewards import get_reward
+
+        run = self.cfg.run
+        seed = (self.cfg.seed * 1_000_003 + self.step) % (2**31)
+        return self._generate(self.prompt_ids, rows, self.dataset.answers,
+                              self._sampling(run.group_size, seed), get_reward(run.reward))
+
+    def _rollouts_taken(self) -> list[Sample]:
+        """The asynchronous source: the next batch from the buffer (waits until it is full);
+        its ``async/*`` metrics join the step's."""
+        samples, self.async_metrics = self.source.take(self.step)
+        return samples
 
     def _local_step_tensors(self, st: StepTensors | None, N: int, S: int) -> StepTensors:
         """``[N, S]`` step tensors holding this DP rank's rows (the others stay 0): rank 0
@@ -332,7 +198,8 @@ class Trainer:
     def _drop_step(self, phase: str) -> None:
         """A saving signal arrived before the update: forget this step (its prompts are
         drawn again after resume) and let :func:`run` save the last completed one."""
-        self.sampler.load_state_dict(self._sampler_before)
+        if not self.cfg.run.async_cfg.enabled:  # (asynchronous: the buffer keeps its groups)
+            self.sampler.load_state_dict(self._sampler_before)
         self.interrupted_in = (f"{phase} of step {self.step + 1}: that step is dropped (its prompts "
                                "are drawn again on resume)")
         raise StepInterrupted(phase)
@@ -356,10 +223,14 @@ class Trainer:
             b[k] = v[idx]
         return b
 
+
     def train_step(self) -> dict[str, float]:
-        cfg, run, loss_cfg = self.cfg, self.cfg.run, self.cfg.loss
+        """One RL step in phases: rollouts from the source -> log-prob pass -> updates ->
+        weight sync -> metrics (collective; the metrics are complete on rank 0)."""
+        cfg = self.cfg
         timing: dict[str, float] = {}
         t_step = time.perf_counter()
+        self.async_metrics, self.sync_wait_s = {}, 0.0
         samples, st, N, S = self.rollouts(timing)
         self._engine_sleep(timing)
         st = self._local_step_tensors(st, N, S)
@@ -368,10 +239,16 @@ class Trainer:
             dp_size=cfg.data_parallel_size, dp_rank=self.ps.get_data_parallel_rank(), seed=cfg.seed,
             step=self.step,
         )
-        local = local_sample_ids(plan)
-        mbs = cfg.micro_batch_size
+        extra, metrics = self._logprob_phase(st, local_sample_ids(plan), N, S, timing)
+        self._update_phase(st, plan, extra, metrics, timing)
+        layer_mm = self._sync_phase(samples, timing)
+        return self._step_metrics(samples, metrics, layer_mm, timing, t_step)
 
-        # --- log-prob pass (unperturbed): old log-probs, entropy, mismatch vs the engine
+    def _logprob_phase(self, st: StepTensors, local: list[int], N: int, S: int,
+                       timing: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Unperturbed forward: old log-probs (and the reference's), entropy, and the
+        engine-vs-trainer mismatch. Returns the update's extra inputs and the metrics."""
+        loss_cfg, mbs = self.cfg.loss, self.cfg.micro_batch_size
         t0 = time.perf_counter()
         chunks = [tuple(local[k : k + mbs]) for k in range(0, len(local), mbs)]
         passes = self.policy.logprob_pass([self._micro(st, c, {}, 0) for c in chunks], with_entropy=True)
@@ -402,7 +279,13 @@ class Trainer:
             dist.all_reduce(tot, group=self.dp_group)
             metrics["actor/entropy"] = float(tot[0] / tot[1].clamp(min=1))
 
-        # --- updates
+        return extra, metrics
+
+    def _update_phase(self, st: StepTensors, plan: list, extra: dict[str, torch.Tensor],
+                      metrics: dict[str, float], timing: dict[str, float]) -> None:
+        """``--grpo-iterations`` x mini-batches: one optimizer step each (ALP noise in the
+        update forward only); the loss metrics go into ``metrics`` on the last stage."""
+        cfg, run, loss_cfg = self.cfg, self.cfg.run, self.cfg.loss
         t0 = time.perf_counter()
         # the ratio as the loss sees it (the KL / entropy terms do not change it)
         ratio_metrics = MismatchMetrics(dataclasses.replace(loss_cfg, kl_coef=0.0, entropy_coef=0.0))
@@ -496,7 +379,10 @@ class Trainer:
         metrics["actor/lr"] = lrs[-1]
         metrics.update(alp_metrics(self.policy.model))
 
-        # --- weight sync
+    def _sync_phase(self, samples: list[Sample] | None, timing: dict[str, float]) -> dict[str, float]:
+        """The step is done: push the weights (in flight under ``--rl-async-mode``) and, every
+        ``--rl-mismatch-by-layer-interval`` steps, measure the layers' mismatch."""
+        run = self.cfg.run
         t0 = time.perf_counter()
         self.step += 1
         if self.interrupted_in is None or run.generation_lag:  # lag: keep the saved chain whole
@@ -509,7 +395,12 @@ class Trainer:
             t0 = time.perf_counter()
             layer_mm = measure_in_trainer(self, samples)  # collective; rank 0 gets the metrics
             timing["mismatch_by_layer"] = time.perf_counter() - t0
+        return layer_mm
 
+    def _step_metrics(self, samples: list[Sample] | None, metrics: dict[str, float],
+                      layer_mm: dict[str, float], timing: dict[str, float], t_step: float) -> dict[str, float]:
+        """The step's metrics, complete on rank 0: the loss metrics from their owner, then
+        rewards, lengths, rollout and asynchronous-rollout metrics, timings."""
         # the loss metrics live on the last stage; everything else is the same on every rank
         metrics = _broadcast(metrics if self.rank == self.metrics_owner else None, src=self.metrics_owner)
         if self.rank == 0:
@@ -531,6 +422,17 @@ class Trainer:
                 for k, s in enumerate(samples)
             ) % 1_000_000_007)
         timing["step"] = time.perf_counter() - t_step
+        if self.rank == 0 and self.cfg.run.rollout_engine == "fleet":
+            metrics.update(self.async_metrics)  # async/*: staleness, buffer (async modes)
+            # waiting for rollouts (synchronous: all of generation) and for the sync's gate
+            metrics["async/trainer_idle_frac"] = (timing.get("gen", 0.0) + self.sync_wait_s) / timing["step"]
+            if self.source is None:
+                if self.idle_meter is None:
+                    from megatron_alp.train.async_rollouts import IdleMeter
+
+                    self.idle_meter = IdleMeter(self.engine)
+                else:
+                    metrics["async/engine_idle_frac"] = self.idle_meter.idle_fraction()
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         return metrics
 
@@ -586,6 +488,8 @@ class Trainer:
             "opt_step": self.opt_step,
             "sampler": self.sampler.state_dict(),
             "engine_weights_saved": bool(self.cfg.run.generation_lag),
+            # the buffer's groups and the requests in flight (rank 0, --rl-async-mode)
+            "async": self.source.state_dict() if self.source is not None else None,
             "wandb_id": self.wandb_id,
             "config": config_json(self.cfg),
         }
@@ -601,6 +505,7 @@ class Trainer:
         self.opt_step = int(state["opt_step"])
         self.sampler.load_state_dict(state["sampler"])
         self.wandb_id = state.get("wandb_id")
+        self.async_state = state.get("async") if self.cfg.run.async_cfg.enabled else None
         saved = bool(state.get("engine_weights_saved"))
         if saved and self.rank == 0:
             self.lagged = collections.deque(torch.load(folder / ckpt.ENGINE_WEIGHTS, weights_only=False))
@@ -657,6 +562,7 @@ def run(cfg: Any) -> dict[str, Any]:
                 tr._load_engine(tr.lagged[0])
         else:
             tr.sync_weights()
+        tr.start_async()  # --rl-async-mode: generation starts under the weights just pushed
         last_saved = tr.step if resumed is not None else None
         exit_reason = "done"
         while tr.step < cfg.train_iters:
@@ -696,6 +602,8 @@ def run(cfg: Any) -> dict[str, Any]:
         logger.say(summary_table(logger.history, time.time() - t_start))
         history = list(logger.history)
         logger.close()
+        if tr.source is not None:
+            tr.source.close()
         if rank == 0 and tr.engine is not None:
             tr.engine.close()
         if tr.sandbox is not None:

@@ -41,6 +41,9 @@ class Sample:
     loss_mask: list[int] | None = None
     """Per response token: 1 = model token (trained on), 0 = observation token; None =
     every response token (single-turn). ``rollout_logp`` is 0.0 where it is 0."""
+    versions: list[int] | None = None
+    """Per response token: the policy version (completed RL steps) whose weights produced
+    it (asynchronous rollouts, ``train/async_rollouts.py``); None = the current policy."""
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, max_length: int, source: str) -> list[list[int]]:

@@ -3,6 +3,7 @@ cell grid, and (slow) a tiny cell run twice and a 2-cell study through the repor
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -45,6 +46,67 @@ def test_the_grid_and_the_layer_thirds():
     assert study.layer_flags("logits", 6) == ["--alp-placement", "logits"]
     assert [c.name for c in study.select(cells, "bf16-k0/grpo/*/s1,fp8-k4/seq-alp/logits/*")] == [
         "bf16-k0/grpo/all/s1", "fp8-k4/seq-alp/logits/s1", "fp8-k4/seq-alp/logits/s2", "fp8-k4/seq-alp/logits/s3"]
+
+
+def _flag(cmd: list[str], flag: str) -> str | None:
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def test_the_async_grid_and_the_flags_of_every_cell(tmp_path):
+    """``--grid async``: conditions x presets x seeds 1..3; each cell's command, parsed by the
+    trainer's own parser, asks for fully-async over a 1-engine twin fleet with partial
+    rollouts and the S its condition's name says (a buffer of S steps' groups); the main
+    grid is unchanged and its cells keep their flags in their place."""
+    from megatron_alp.train.arguments import parse_args
+    from tests.unit.test_examples import qwen2_config_folder
+
+    cells = study.all_cells(grid="async")
+    want = {f"{c}/{p}/all/s{s}" for c in ("async-s1", "async-s4")
+            for p in ("grpo", "token-mis", "token-alp", "seq-alp") for s in (1, 2, 3)}
+    assert [c.name for c in cells] == sorted(want, key=lambda n: (n[-1], n))  # seed-major run order
+    assert len(study.all_cells(max_seeds=1, grid="async")) == 8
+    assert len(study.all_cells()) == len(study.all_cells(grid="main")) == 138  # main grid untouched
+    with pytest.raises(ValueError, match="grid 'nope'"):
+        study.all_cells(grid="nope")
+
+    a = tmp_path / "assets"
+    a.mkdir()
+    qwen2_config_folder(a / "model", vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512)
+    for f in ("train.jsonl", "eval.jsonl"):
+        (a / f).write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    ns = argparse.Namespace(assets=a, config=study.HERE / "base.yaml", mismatch_interval=10, save_interval=10,
+                            train_iters=None, trainer_args=[])
+    ppstep = 8  # examples/study/base.yaml's grpo_prompts_per_step
+    for cell in cells:
+        cmd = study.cell_command(cell, ns, tmp_path / "cells" / cell.name, num_layers=6)
+        s = int(cell.condition.removeprefix("async-s"))
+        assert "--rl-generation-lag" not in cmd and "--load" not in cmd
+        assert ("--alp-init-std" in cmd) == ("alp" in cell.preset)
+        cfg = parse_args(cmd[3:], world_size=None)  # the trainer's parser and checks
+        acfg = cfg.run.async_cfg
+        assert (acfg.mode, acfg.max_staleness, acfg.partial_rollouts, acfg.buffer_groups, acfg.deterministic) == (
+            "fully-async", s, True, s * ppstep, False), cell.name
+        assert acfg.segment_tokens == study.ASYNC_SEGMENT_TOKENS < cfg.run.max_new_tokens  # >= 2 segments
+        assert (cfg.run.rollout_engine, cfg.run.engine_kwargs["num_engines"], cfg.run.rollout_dtype) == (
+            "fleet", 1, "bf16")
+        assert (cfg.loss_preset, cfg.seed, cfg.run.generation_lag) == (cell.preset, cell.seed, 0)
+        assert cfg.run.mismatch_by_layer_interval == 10
+    # --grpo-prompts-per-step after `--` sizes the buffer
+    ns.trainer_args = ["--grpo-prompts-per-step", "4"]
+    cmd = study.cell_command(study.Cell("async-s4", "grpo", "all", 1), ns, tmp_path / "x", 6)
+    assert _flag(cmd, "--rl-async-buffer-groups") == "16"
+    ns.trainer_args = []
+    assert study.prompts_per_step("grpo", []) == 32  # a preset without it: the trainer's default
+    # an unreadable --config: one line, exit 2, nothing made
+    assert study.main(["--out", str(tmp_path / "o"), "--grid", "async", "--config", str(tmp_path / "no.yaml")]) == 2
+    assert not (tmp_path / "o").exists()
+    # a sync cell: dtype and lag right after the seed, as before the async grid
+    cmd = study.cell_command(study.Cell("fp8-k4", "grpo", "all", 2), ns, tmp_path / "y", 6)
+    k = cmd.index("--seed")
+    assert cmd[k:k + 6] == ["--seed", "2", "--rl-rollout-dtype", "fp8", "--rl-generation-lag", "4"]
+    assert "--rl-async-mode" not in cmd
 
 
 # ------------------------------------------------------------------------------ slow: real runs
@@ -168,3 +230,56 @@ def test_spearman_against_scipy_free_hand_values():
     # ties: ranks a = [0, 1.5, 1.5, 3], b = [0, 1, 2, 3] -> Pearson on ranks
     assert report.spearman([1, 2, 2, 4], [1, 2, 3, 4]) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
     assert math.isnan(report.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def _async_rows(stal_mean, stal_max, regen, t_idle, e_idle, score):
+    return [{"step": i + 1, "critic/score/mean": score[i], "timing_s/step": 1.0, "is_ratio/q999": 1.5,
+             "is_ratio/max": 2.0, "actor/ppo_kl": 0.0, "async/staleness_mean": stal_mean[i],
+             "async/staleness_max": stal_max[i], "async/versions_per_sample_max": 1.0 + (i % 2),
+             "async/regenerated_groups": regen[i], "async/dropped_groups": 0.0,
+             "async/trainer_idle_frac": t_idle[i], "async/engine_idle_frac": e_idle[i]}
+            for i in range(len(score))]
+
+
+def test_the_report_shows_the_async_columns_for_async_conditions_only(tmp_path):
+    """Hand-made async cells (two seeds of async-s4 grpo, one token-alp) beside a sync cell:
+    the async table's numbers are computed by hand here; the sync condition's section is
+    the same text with or without the async cells beside it, and has no async table."""
+    def write(root, name, rows):
+        d = root / "cells" / name
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    sync_rows = [{"step": i + 1, "critic/score/mean": 0.1 * i, "timing_s/step": 2.0, "is_ratio/q999": 1.1,
+                  "is_ratio/max": 1.2, "actor/ppo_kl": 0.0} for i in range(3)]
+    only_sync, mixed = tmp_path / "a", tmp_path / "b"
+    for root in (only_sync, mixed):
+        root.mkdir()
+        (root / report.STUDY_MARKER).touch()
+        write(root, "bf16-k4/grpo/all/s1", sync_rows)
+    write(mixed, "async-s4/grpo/all/s1", _async_rows([1.0, 2.0, 3.0], [2, 3, 4], [0, 1, 1], [.1, .2, .3],
+                                                      [.5, .5, .2], [.1, .2, .3]))
+    write(mixed, "async-s4/grpo/all/s2", _async_rows([0.5, 0.5, 2.0], [1, 1, 3], [0, 0, 3], [.4, .4, .4],
+                                                      [.3, .3, .3], [.2, .2, .2]))
+    write(mixed, "async-s1/token-alp/all/s1", _async_rows([0.0, 1.0], [0, 1], [0, 2], [.0, .2], [.1, .1], [.5, .5]))
+    report.write_report(only_sync)
+    report.write_report(mixed)
+    a = (only_sync / "report" / "report.md").read_text()
+    b = (mixed / "report" / "report.md").read_text()
+    assert "async" not in a and not (only_sync / "report" / "async_staleness.png").exists()
+
+    def section(md, cond):
+        return md.split(f"## {cond}\n", 1)[1].split("\n## ", 1)[0]
+
+    assert section(a, "bf16-k4") == section(b, "bf16-k4")
+    assert b.index("## bf16-k4") < b.index("## async-s1") < b.index("## async-s4")  # condition order
+    # grpo: staleness mean = mean(2.0, 1.0) = 1.50; max 4; versions/sample max 2; regenerated
+    # mean(1, 3) = 2.0; dropped 0; trainer idle mean(0.2, 0.4) = 0.30; engine idle mean(0.4, 0.3) = 0.35
+    assert "| grpo | 2 | 1.50 | 4 | 2 | 2.0 | 0.0 | 0.30 | 0.35 |" in section(b, "async-s4"), b
+    # token-alp (one seed): staleness mean 0.50, max 1, versions 2, regenerated 2, idle 0.10 / 0.10
+    assert "| token-alp | 1 | 0.50 | 1 | 2 | 2.0 | 0.0 | 0.10 | 0.10 |" in section(b, "async-s1"), b
+    assert "Asynchrony (async-s4" in b and "Asynchrony" not in section(b, "bf16-k4")
+    summ = json.loads((mixed / "report" / "summary.json").read_text())
+    assert "async" not in summ["bf16-k4/grpo/all/s1"]
+    assert summ["async-s4/grpo/all/s2"]["async"]["regenerated_groups"] == 3.0
+    assert (mixed / "report" / "async_staleness.png").stat().st_size > 1000

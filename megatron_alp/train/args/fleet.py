@@ -10,7 +10,7 @@ from megatron_alp.train.args.common import positive, value
 __all__ = ["FLEET_ONLY", "add_fleet_flags", "engine_kwargs"]
 
 FLEET_ONLY = ("--rl-fleet-endpoints", "--rl-fleet-sync-port", "--rl-fleet-max-in-flight",
-              "--rl-fleet-rows-per-request")
+              "--rl-fleet-rows-per-request", "--rl-fleet-simulate-tokens-per-s")
 """Flags that mean something only with ``--rl-rollout-engine fleet`` (refused otherwise)."""
 
 
@@ -38,6 +38,11 @@ def add_fleet_flags(parser: argparse.ArgumentParser) -> None:
                         "else the interface routing to them) and shares it with every rank")
     g.add_argument("--rl-fleet-sync-port", type=int, default=None, metavar="PORT",
                    help="first weight-sync rendezvous port (default: a free one)")
+    g.add_argument("--rl-fleet-simulate-tokens-per-s", default=None, metavar="R[,R...]",
+                   help="a locally started twin fleet simulates engines on their own GPUs: a "
+                        "decode batch that made n tokens holds its engine n / R seconds (a sleep, "
+                        "not CPU work), so trainer and engines overlap on a shared CPU; one R for "
+                        "all engines or one per engine (slow and fast engines; default off)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,4 +80,24 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["num_engines"] = args.rl_fleet_engines
     else:
         kw["endpoints"] = endpoints
+    if args.rl_fleet_simulate_tokens_per_s is not None:
+        kw["launch_kwargs"] = dict(engine_args=_simulated_rates(args, endpoints))
     return kw
+
+
+def _simulated_rates(args: argparse.Namespace, endpoints: list | None) -> list[list[str]]:
+    """``--rl-fleet-simulate-tokens-per-s`` as each engine's ``--simulate-tokens-per-s``."""
+    flag, text = "--rl-fleet-simulate-tokens-per-s", args.rl_fleet_simulate_tokens_per_s
+    if endpoints is not None or args.rl_fleet_backend != "twin":
+        raise ValueError(f"{flag} applies to a twin fleet the trainer starts (no --rl-fleet-endpoints, "
+                         "--rl-fleet-backend twin); give engines you start yourself "
+                         "`engine_server --simulate-tokens-per-s R`")
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        rates = []
+    if not rates or not all(r > 0 for r in rates) or len(rates) not in (1, args.rl_fleet_engines):
+        raise ValueError(f"{flag} {text!r} is invalid; expected tokens/s > 0, one for all engines or "
+                         f"one per engine (--rl-fleet-engines {args.rl_fleet_engines})")
+    rates = rates * args.rl_fleet_engines if len(rates) == 1 else rates
+    return [["--simulate-tokens-per-s", repr(r)] for r in rates]

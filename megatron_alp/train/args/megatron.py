@@ -97,6 +97,8 @@ USED: dict[str, dict[str, str]] = {
         "--rl-default-top-p": "must stay 1 (or 0): truncated sampling would bias every ratio",
         "--rl-default-top-k": "must stay -1 (or 0), as --rl-default-top-p",
         "--rl-generation-lag": "the engine generates with the policy of K updates ago",
+        "--rl-partial-rollouts": "with --rl-async-mode fully-async: sequences are generated in "
+                                 "segments that continue across weight updates (docs/async.md)",
         "--rl-verify-model-weights-swap": "after each sync, compare the engine's weights with what was sent",
     },
 }

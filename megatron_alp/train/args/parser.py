@@ -54,6 +54,7 @@ def suggest(parser: argparse.ArgumentParser, flag: str) -> str:
 def add_trainer_groups(parser: argparse.ArgumentParser) -> None:
     """The trainer's own groups, in ``--help`` order."""
     from megatron_alp.train.args.alp import add_alp_flags
+    from megatron_alp.train.args.async_rl import add_async_flags
     from megatron_alp.train.args.fleet import add_fleet_flags
     from megatron_alp.train.args.multiturn import add_multiturn_flags
     from megatron_alp.train.args.objective import add_objective_flags
@@ -63,6 +64,7 @@ def add_trainer_groups(parser: argparse.ArgumentParser) -> None:
     add_objective_flags(parser)
     add_alp_flags(parser)
     add_fleet_flags(parser)
+    add_async_flags(parser)
     add_multiturn_flags(parser)
 
 
