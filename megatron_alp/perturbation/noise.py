@@ -12,27 +12,27 @@ integers, ``tests/unit/test_alp_noise.py`` re-derives them in NumPy):
 * ``mix64`` is SplitMix64's output function (S. Vigna's ``splitmix64``, Stafford's
   "Mix13" constants): ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
   z *= 0x94D049BB133111EB; z ^= z >> 31`` on 64-bit words, modulo 2**64, logical shifts.
-  A bijection of 64-bit words with full avalanche (SplitMix64 is this function of a Weyl
+  A bijection of 64-bit words with good avalanche (SplitMix64 is this function of a Weyl
   sequence ``seed + i * 0x9E3779B97F4A7C15``; it passes BigCrush). Counters enter by XOR
-  with a Weyl value ``(i + 1) * GOLDEN`` (in torch an int64 XOR costs a third of an
-  int64 add, which carries a multiply by ``alpha``).
+  with a Weyl value ``(i + 1) * GOLDEN`` (measured: an int64 XOR costs a third of an
+  int64 add in torch on CPU).
 * Scalar seed: ``s = mix64((s ^ w) + GOLDEN)`` (mod 2**64) over the words ``(key mod 2**32,
   key >> 32, step, layer)`` from ``s = 0x6A09E667F3BCC909`` (python ints, no tensors).
 * Row key of a token: ``K = mix64(mix64(s ^ (sample + 1) * GOLDEN) ^ ((position + 1) *
   POS_MUL))``, 64 bits: two tokens share a key with probability ~2**-64.
-* Channel pair ``j < H/2``: ``z = mix64(K ^ (j + 1) * GOLDEN)`` (distinct inputs for
-  distinct ``j`` of a row: ``mix64`` being a bijection, distinct words). Box-Muller on
-  two 24-bit fields: ``u1 = ((z & 0xFFFFFF) + 1) / 2**24`` in (0, 1] and
+* Channel pair ``j < H/2``: ``z = mix64(K ^ (j + 1) * GOLDEN)`` (the inputs of one row
+  are distinct, ``GOLDEN`` being odd, and ``mix64`` is a bijection: distinct words).
+  Box-Muller on two 24-bit fields: ``u1 = ((z & 0xFFFFFF) + 1) / 2**24`` in (0, 1] and
   ``theta = 2 pi t / 2**24`` with ``t`` the top 24 bits read as a signed number
   (``int64(z) >> 40``, arithmetic, in [-2**23, 2**23): theta in [-pi, pi)); both
   integers are exact in float32. ``r = sqrt(-2 log u1)``; ``r cos(theta)`` is channel
-  ``j``, ``r sin(theta)`` channel ``j + H/2``. |eps| is bounded by
-  5.77 (the 24-bit ``u1``), a tail of probability 8e-9.
+  ``j``, ``r sin(theta)`` channel ``j + H/2``. |eps| is bounded by 5.77 (the 24-bit
+  ``u1``), a tail of probability 8e-9.
 
 One 64-bit hash (two multiplies) per pair of channels; the torch reference runs it on
 int64 tensors holding the words' bit patterns (two's complement: multiplication and
-addition wrap modulo 2**64 as in C on every torch backend, the logical shift is an
-arithmetic shift and a mask) in 14 int64 passes, the Triton kernel on uint64.
+addition wrap modulo 2**64 in torch's CPU and CUDA kernels and in inductor's code, the
+logical shift is an arithmetic shift and a mask) in 14 int64 passes, the Triton kernel on uint64.
 
 Positions of the local sequence shard (sequence parallelism over TP, zig-zag context
 parallelism) come from :func:`local_positions`.
