@@ -267,12 +267,12 @@ def _compile_probe(args: argparse.Namespace) -> None:
     h = torch.randn(args.seq, args.batch, args.hidden, device=device, dtype=dtype)
     sigma = torch.tensor(args.sigma, device=device)
     site = NoiseSite(key=1, step=0, layer=1, sample_offset=0, batch=args.batch, s_local=args.seq)
-    a, b = site.lanes(device)
+    keys = site.row_keys(device)
 
     def call() -> None:
         k = get_kernel("compile", device)
-        k.add(h, sigma, a, b)
-        k.dot(h, a, b)
+        k.add(h, sigma, keys)
+        k.dot(h, keys)
 
     first = _timed(call, device)
     second = _timed(call, device)
@@ -306,7 +306,7 @@ def _run_compile_probes(args: argparse.Namespace) -> dict[str, Any]:
 def _kernel_bandwidth(device: torch.device, dtype: torch.dtype, rounds: int = 7) -> dict[str, Any]:
     """GB/s of the fused kernels vs ``copy_`` of the same tensor, in interleaved rounds.
 
-    ``add`` / ``dot`` take row keys computed on the host (``site.lanes``, included in the
+    ``add`` / ``dot`` take row keys computed on the host (``site.row_keys``, included in the
     time, as ``add_noise`` used to call them); ``add_at`` / ``dot_at`` compute them inside
     the kernel. Each round times every variant once, the order rotated by one each round;
     min and median over rounds of the times and of each variant's ratio to the same
@@ -327,9 +327,9 @@ def _kernel_bandwidth(device: torch.device, dtype: torch.dtype, rounds: int = 7)
     out = torch.empty_like(x)
     variants: dict[str, tuple[Callable[[], Any], int]] = {
         "copy_": (lambda: out.copy_(x), 2),
-        "add (host row keys)": (lambda: triton_add(x, sigma, *site.lanes(device)), 2),
+        "add (host row keys)": (lambda: triton_add(x, sigma, site.row_keys(device)), 2),
         "add_at (in-kernel keys)": (lambda: triton_add_at(x, sigma, site), 2),
-        "dot (host row keys)": (lambda: triton_dot(x, *site.lanes(device)), 1),
+        "dot (host row keys)": (lambda: triton_dot(x, site.row_keys(device)), 1),
         "dot_at (in-kernel keys)": (lambda: triton_dot_at(x, site), 1),
     }
 

@@ -39,8 +39,8 @@ class NoiseSite:
     cp_rank: int = 0
     cp_size: int = 1
 
-    def lanes(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row keys ([s_local, batch] int64 lanes A and B) of this site."""
+    def row_keys(self, device: torch.device) -> torch.Tensor:
+        """Row keys ([s_local, batch] int64 bit patterns) of this site."""
         samples = torch.arange(
             self.sample_offset, self.sample_offset + self.batch, dtype=torch.int64, device=device
         )
@@ -60,8 +60,7 @@ def site_noise(site: NoiseSite, hidden: int, device: torch.device | str = "cpu")
     """The float32 noise ``[s_local, batch, hidden]`` of a site (eager reference)."""
     from megatron_alp.perturbation.noise import gaussian_noise
 
-    lane_a, lane_b = site.lanes(torch.device(device))
-    return gaussian_noise(lane_a, lane_b, hidden)
+    return gaussian_noise(site.row_keys(torch.device(device)), hidden)
 
 
 class _AddNoise(torch.autograd.Function):
@@ -70,8 +69,7 @@ class _AddNoise(torch.autograd.Function):
         if kernel.add_at is not None:  # the kernel derives the row keys from the site itself
             out = kernel.add_at(h, log_sigma.exp(), site)
         else:
-            lane_a, lane_b = site.lanes(h.device)
-            out = kernel.add(h, log_sigma.exp(), lane_a, lane_b)
+            out = kernel.add(h, log_sigma.exp(), site.row_keys(h.device))
         ctx.site = site
         ctx.kernel = kernel
         ctx.save_for_backward(log_sigma)  # a scalar: the only tensor kept
@@ -85,8 +83,7 @@ class _AddNoise(torch.autograd.Function):
             if ctx.kernel.dot_at is not None:
                 dot = ctx.kernel.dot_at(grad, ctx.site)
             else:
-                lane_a, lane_b = ctx.site.lanes(grad.device)
-                dot = ctx.kernel.dot(grad, lane_a, lane_b)
+                dot = ctx.kernel.dot(grad, ctx.site.row_keys(grad.device))
             sigma = log_sigma.detach().exp().to(dot.dtype)
             grad_log_sigma = (sigma * dot).to(log_sigma.dtype)
         return grad, grad_log_sigma, None, None

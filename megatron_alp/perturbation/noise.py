@@ -6,22 +6,33 @@ nothing else: no generator state, no shape, no rank. Any parallel layout (TP, SP
 DP), any micro-batch size and any recomputation therefore sees the same numbers for the
 same token, and the backward pass regenerates ``eps`` instead of storing it.
 
-The hash (this file is the reference; ``triton_noise.py`` computes the same integers):
+The generator (this file is the reference; ``triton_noise.py`` computes the same
+integers, ``tests/unit/test_alp_noise.py`` re-derives them in NumPy):
 
-* ``mix32`` is a bijective 32-bit integer finaliser (shift-xor-multiply, two rounds, the
-  multiplier ``0x045d9f3b`` of T. Mueller's hash). All arithmetic is on non-negative
-  int64 holding 32-bit values, and the multiplier is below 2**27, so no product overflows
-  int64: the result is the same on every backend (eager torch, inductor C++/Triton, Triton
-  uint32) without relying on wrap-around.
-* Per row (token) two independent 32-bit lanes A and B are chained from different
-  constants over the scalar coordinates (key words, step, layer), then over the sample
-  index and the position (in opposite orders in the two lanes). The row key is 64 bits,
-  so two tokens collide with probability ~2**-64, not ~2**-32.
-* Per channel pair ``j < H/2``: ``x = mix(mix(A ^ j*phi) ^ B)`` and ``y = mix(x ^ C)``;
-  Box-Muller on the top 24 bits of each (``u1 = (x>>8 + 0.5) / 2**24`` in (0, 1),
-  ``u2 = (y>>8) / 2**24``; both exact in float32) gives ``r cos(2 pi u2)`` for channel
-  ``j`` and ``r sin(2 pi u2)`` for channel ``j + H/2``. |eps| is bounded by 5.9 (the
-  24-bit ``u1``), a tail of probability 4e-9.
+* ``mix64`` is SplitMix64's output function (S. Vigna's ``splitmix64``, Stafford's
+  "Mix13" constants): ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+  z *= 0x94D049BB133111EB; z ^= z >> 31`` on 64-bit words, modulo 2**64, logical shifts.
+  A bijection of 64-bit words with good avalanche (SplitMix64 is this function of a Weyl
+  sequence ``seed + i * 0x9E3779B97F4A7C15``; it passes BigCrush). Counters enter by XOR
+  with a Weyl value ``(i + 1) * GOLDEN`` (measured: an int64 XOR costs a third of an
+  int64 add in torch on CPU).
+* Scalar seed: ``s = mix64((s ^ w) + GOLDEN)`` (mod 2**64) over the words ``(key mod 2**32,
+  key >> 32, step, layer)`` from ``s = 0x6A09E667F3BCC909`` (python ints, no tensors).
+* Row key of a token: ``K = mix64(mix64(s ^ (sample + 1) * GOLDEN) ^ ((position + 1) *
+  POS_MUL))``, 64 bits: two tokens share a key with probability ~2**-64.
+* Channel pair ``j < H/2``: ``z = mix64(K ^ (j + 1) * GOLDEN)`` (the inputs of one row
+  are distinct, ``GOLDEN`` being odd, and ``mix64`` is a bijection: distinct words).
+  Box-Muller on two 24-bit fields: ``u1 = ((z & 0xFFFFFF) + 1) / 2**24`` in (0, 1] and
+  ``theta = 2 pi t / 2**24`` with ``t`` the top 24 bits read as a signed number
+  (``int64(z) >> 40``, arithmetic, in [-2**23, 2**23): theta in [-pi, pi)); both
+  integers are exact in float32. ``r = sqrt(-2 log u1)``; ``r cos(theta)`` is channel
+  ``j``, ``r sin(theta)`` channel ``j + H/2``. |eps| is bounded by 5.77 (the 24-bit
+  ``u1``), a tail of probability 8e-9.
+
+One 64-bit hash (two multiplies) per pair of channels; the torch reference runs it on
+int64 tensors holding the words' bit patterns (two's complement: multiplication and
+addition wrap modulo 2**64 in torch's CPU and CUDA kernels and in inductor's code, the
+logical shift is an arithmetic shift and a mask) in 14 int64 passes, the Triton kernel on uint64.
 
 Positions of the local sequence shard (sequence parallelism over TP, zig-zag context
 parallelism) come from :func:`local_positions`.
@@ -34,84 +45,128 @@ import math
 import torch
 
 __all__ = [
-    "MASK32",
+    "GOLDEN",
+    "MASK64",
+    "POS_MUL",
     "gaussian_noise",
     "local_positions",
-    "mix32",
+    "mix64",
+    "pair_bits",
     "row_keys",
-    "scalar_lane_seeds",
+    "seed64",
+    "signed64",
 ]
 
 MASK32 = 0xFFFFFFFF
-_MUL = 0x045D9F3B  # < 2**27: x * _MUL < 2**59, never overflows int64
-_PHI = 0x9E3779B1  # odd: j -> j * _PHI mod 2**32 is a bijection
-_LANE_A = 0x3C6EF372
-_LANE_B = 0xA54FF53A
-_POS_SALT = 0x510E527F
-_SAMPLE_SALT = 0x9B05688C
-_Y_SALT = 0x1F83D9AB
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's Weyl increment (odd: i -> i * GOLDEN is a bijection)
+POS_MUL = 0xD1B54A32D192ED03  # odd: position -> (position + 1) * POS_MUL is a bijection
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_SEED0 = 0x6A09E667F3BCC909  # frac(sqrt 2), SHA-512's first IV word
 _INV_2_24 = 1.0 / 16777216.0
 _TWO_PI = 2.0 * math.pi
 
 
-def mix32(x):
-    """Bijective 32-bit finaliser on non-negative int64 tensors or python ints (same result)."""
-    x = ((x >> 16) ^ x) * _MUL & MASK32
-    x = ((x >> 16) ^ x) * _MUL & MASK32
-    return (x >> 16) ^ x
+def signed64(x: int) -> int:
+    """The int64 (two's complement) value with the bit pattern of the 64-bit word ``x``."""
+    x &= MASK64
+    return x - (1 << 64) if x >> 63 else x
 
 
-def scalar_lane_seeds(key: int, step: int, layer: int) -> tuple[int, int]:
-    """Lane-A and lane-B seeds from the scalar coordinates (python ints, no tensors)."""
+_GOLDEN_S, _POS_MUL_S = signed64(GOLDEN), signed64(POS_MUL)
+_MIX1_S, _MIX2_S = signed64(_MIX1), signed64(_MIX2)
+
+
+def _xorshift_(z: torch.Tensor, s: int) -> None:
+    """``z ^= z >> s`` with a logical shift, in place (int64 has only the arithmetic one)."""
+    t = z >> s
+    t &= (1 << (64 - s)) - 1
+    z ^= t
+
+
+def _mix64_(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on int64 bit patterns, in place (products wrap mod 2**64)."""
+    _xorshift_(z, 30)
+    z *= _MIX1_S
+    _xorshift_(z, 27)
+    z *= _MIX2_S
+    _xorshift_(z, 31)
+    return z
+
+
+def mix64(x):
+    """SplitMix64's output function: a python int word (unsigned result) or an int64 tensor
+    of bit patterns (a new tensor, bit patterns as int64)."""
+    if isinstance(x, torch.Tensor):
+        return _mix64_(x.to(torch.int64, copy=True))
+    x &= MASK64
+    x ^= x >> 30
+    x = x * _MIX1 & MASK64
+    x ^= x >> 27
+    x = x * _MIX2 & MASK64
+    return x ^ (x >> 31)
+
+
+def seed64(key: int, step: int, layer: int) -> int:
+    """The 64-bit seed of one (key, step, layer) (python ints, no tensors)."""
     if not 0 <= key < 2**64:
         raise ValueError(f"noise key={key} is outside [0, 2**64)")
     if not 0 <= step < 2**32:
         raise ValueError(f"noise step={step} is outside [0, 2**32)")
     if not 0 <= layer < 2**32:
         raise ValueError(f"noise layer={layer} is outside [0, 2**32)")
-    words = (key & MASK32, key >> 32, step, layer)
-    a, b = _LANE_A, _LANE_B
-    for w in words:
-        a = mix32(a ^ w)
-        b = mix32(b ^ mix32(w ^ _LANE_B))
-    return a, b
+    s = _SEED0
+    for w in (key & MASK32, key >> 32, step, layer):
+        s = mix64((s ^ w) + GOLDEN)
+    return s
 
 
-def row_keys(
-    key: int, step: int, layer: int, samples: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two 32-bit lanes of every token: int64 ``[S, B]`` each.
+def row_keys(key: int, step: int, layer: int, samples: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The 64-bit key of every token: int64 bit patterns ``[S, B]``.
 
     ``samples`` [B] are global sample indices, ``positions`` [S] global token positions
-    (both int64, values in [0, 2**32)).
+    (integers in [0, 2**32)).
     """
-    a0, b0 = scalar_lane_seeds(key, step, layer)
-    s = samples.to(torch.int64)
-    p = positions.to(torch.int64)
-    lane_a = mix32(mix32(a0 ^ s)[None, :] ^ mix32(p ^ _POS_SALT)[:, None])
-    lane_b = mix32(mix32(b0 ^ p)[:, None] ^ mix32(s ^ _SAMPLE_SALT)[None, :])
-    return lane_a, lane_b
+    seed = signed64(seed64(key, step, layer))
+    x = samples.to(torch.int64) + 1
+    x *= _GOLDEN_S
+    x ^= seed
+    _mix64_(x)
+    p = positions.to(torch.int64) + 1
+    p *= _POS_MUL_S
+    return _mix64_(p[:, None] ^ x[None, :])
 
 
-def _pair_bits(lane_a: torch.Tensor, lane_b: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    j = torch.arange(half, dtype=torch.int64, device=lane_a.device) * _PHI & MASK32
-    x = mix32(mix32(lane_a.unsqueeze(-1) ^ j) ^ lane_b.unsqueeze(-1))
-    y = mix32(x ^ _Y_SALT)
-    return x, y
+def pair_bits(keys: torch.Tensor, half: int) -> torch.Tensor:
+    """The 64-bit word of every channel pair: int64 ``[*keys.shape, half]``."""
+    j = torch.arange(1, half + 1, dtype=torch.int64, device=keys.device)
+    j *= _GOLDEN_S
+    return _mix64_(keys.unsqueeze(-1) ^ j)
 
 
-def gaussian_noise(lane_a: torch.Tensor, lane_b: torch.Tensor, hidden: int) -> torch.Tensor:
-    """Standard normal float32 noise ``[*lane_a.shape, hidden]`` from the row keys.
+def gaussian_noise(keys: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Standard normal float32 noise ``[*keys.shape, hidden]`` from the row keys.
 
     ``hidden`` must be even (channel ``j`` and ``j + hidden/2`` share one Box-Muller pair).
     """
     if hidden % 2:
         raise ValueError(f"ALP noise needs an even hidden size, got {hidden}")
-    x, y = _pair_bits(lane_a, lane_b, hidden // 2)
-    u1 = ((x >> 8).to(torch.float32) + 0.5) * _INV_2_24
-    theta = (y >> 8).to(torch.float32) * (_INV_2_24 * _TWO_PI)
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+    half = hidden // 2
+    z = pair_bits(keys, half)
+    theta = (z >> 40).to(torch.float32)  # the top 24 bits, signed: [-2**23, 2**23), exact
+    theta *= _INV_2_24 * _TWO_PI
+    z &= 0xFFFFFF
+    r = z.to(torch.float32)
+    r += 1.0
+    r *= _INV_2_24  # u1 in (0, 1], exact
+    r.log_().mul_(-2.0).sqrt_()
+    if torch.compiler.is_compiling():  # dynamo refuses out= views; inductor fuses the cat
+        return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+    out = torch.empty(*keys.shape, hidden, dtype=torch.float32, device=keys.device)
+    torch.mul(r, torch.cos(theta), out=out[..., :half])  # eager: no cat pass
+    torch.mul(r, theta.sin_(), out=out[..., half:])
+    return out
 
 
 def local_positions(

@@ -35,14 +35,15 @@ def test_triton_eps_matches_eager_on_gpu_and_cpu_reference(layout):
 
     site = _site(**SITES[layout])
     dev = torch.device("cuda")
-    a, b = site.lanes(dev)
+    keys = site.row_keys(dev)
     zeros, one = torch.zeros(12, 3, H, device=dev), torch.tensor(1.0, device=dev)
     eps_triton = triton_noise.triton_add_at(zeros, one, site)
-    eps_lanes = triton_noise.triton_add(zeros, one, a, b)
-    eps_gpu = eager_add(zeros, one, a, b)
-    ca, cb = site.lanes(torch.device("cpu"))
-    eps_cpu = eager_add(torch.zeros(12, 3, H), torch.tensor(1.0), ca, cb)
-    assert torch.equal(eps_triton, eps_lanes)  # in-kernel row keys == host row keys
+    eps_keys = triton_noise.triton_add(zeros, one, keys)
+    eps_gpu = eager_add(zeros, one, keys)
+    cpu_keys = site.row_keys(torch.device("cpu"))
+    assert torch.equal(keys.cpu(), cpu_keys)  # int64 wrap-around is the same on CUDA
+    eps_cpu = eager_add(torch.zeros(12, 3, H), torch.tensor(1.0), cpu_keys)
+    assert torch.equal(eps_triton, eps_keys)  # in-kernel row keys == host row keys
     torch.testing.assert_close(eps_triton.cpu(), eps_cpu, rtol=0, atol=2e-5)
     torch.testing.assert_close(eps_gpu.cpu(), eps_cpu, rtol=0, atol=2e-5)
 
@@ -102,8 +103,8 @@ def test_sigma_grad_matches_eager_and_is_bitwise_deterministic():
 
     first, second = grad("triton"), grad("triton")
     assert torch.equal(first, second)  # no atomics: the same bits every run
-    a, b = site.lanes(dev)
-    ref = torch.tensor(-2.0).exp() * eager_dot(g.cpu(), *site.lanes(torch.device("cpu")))
+    keys = site.row_keys(dev)
+    ref = torch.tensor(-2.0).exp() * eager_dot(g.cpu(), site.row_keys(torch.device("cpu")))
     torch.testing.assert_close(first.cpu(), ref.float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad("torch"), first, rtol=1e-4, atol=1e-4)
-    assert eager_dot(g, a, b).device.type == "cuda"
+    assert eager_dot(g, keys).device.type == "cuda"

@@ -85,8 +85,8 @@ def test_bf16_noise_is_added_in_fp32_and_rounded_once(kernel):
     out = add_noise(h, log_sigma, SITE, k)
     eps = site_noise(SITE, 256)
     if kernel == "compile":  # its own log/cos may differ from eager's by float32 ulps
-        lanes = SITE.lanes(torch.device("cpu"))
-        eps_k = k.add(torch.zeros(10, 3, 256), torch.tensor(1.0), *lanes)
+        keys = SITE.row_keys(torch.device("cpu"))
+        eps_k = k.add(torch.zeros(10, 3, 256), torch.tensor(1.0), keys)
         torch.testing.assert_close(eps_k, eps, rtol=0, atol=1e-5)
     else:
         eps_k = eps
