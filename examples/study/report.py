@@ -465,11 +465,58 @@ def write_report(study_dir: str | Path, cells: list | None = None, *, kl_thresho
     return [out / "report.md", out / "summary.json", *plots]
 
 
+BEGIN = "<!-- study-report: begin (written by examples/study/report.py --publish; do not edit) -->"
+END = "<!-- study-report: end -->"
+FIGURES_MARKER = ".megatron-alp-study-figures"
+
+
+def publish(report_dir: Path, doc: Path) -> Path:
+    """Put ``report_dir/report.md`` between the :data:`BEGIN` / :data:`END` lines of ``doc``
+    (headings one level down, its plots copied into ``doc``'s folder ``study/``), so the
+    document's tables are the generator's, never typed. Only the marked block and the
+    figures folder (new, or one holding :data:`FIGURES_MARKER`) are written, each atomically;
+    a document without exactly one pair of markers, or a ``study/`` folder of someone else's,
+    is refused (ValueError) with nothing written."""
+    text = doc.read_text()
+    lines = text.split("\n")
+    if lines.count(BEGIN) != 1 or lines.count(END) != 1 or lines.index(BEGIN) > lines.index(END):
+        raise ValueError(f"{doc}: needs exactly one line {BEGIN!r} followed by one line {END!r}")
+    figs = doc.parent / "study"
+    if figs.exists() and not (figs / FIGURES_MARKER).is_file():
+        raise ValueError(f"{figs} exists and holds no {FIGURES_MARKER}: not written by this tool")
+    body = []
+    for line in (report_dir / "report.md").read_text().rstrip("\n").split("\n"):
+        if line.startswith("# "):
+            continue  # the document has its own title
+        if line.startswith("#"):
+            line = "#" + line
+        if line.startswith("![") and line.endswith(".png)"):
+            line = line.replace("](", "](study/", 1)
+        body.append(line)
+    figs.mkdir(exist_ok=True)
+    (figs / FIGURES_MARKER).touch()
+    for png in sorted(report_dir.glob("*.png")):
+        if png.name.endswith(".part.png"):
+            continue
+        tmp = figs / (png.name + ".part")
+        tmp.write_bytes(png.read_bytes())
+        os.replace(tmp, figs / png.name)
+    i, j = lines.index(BEGIN), lines.index(END)
+    new = "\n".join(lines[: i + 1] + body + lines[j:])
+    tmp = doc.with_name(doc.name + ".part")
+    tmp.write_text(new)
+    os.replace(tmp, doc)
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python examples/study/report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the study folder (holds cells/)")
     p.add_argument("--kl-threshold", type=float, default=0.02,
                    help="count steps whose actor/ppo_kl exceeds this (default 0.02)")
+    p.add_argument("--publish", default=None, metavar="DOC",
+                   help="also put the report between DOC's study-report markers, plots in DOC's "
+                        "folder study/ (docs/results.md is written this way)")
     ns = p.parse_args(argv)
     if not (Path(ns.out) / "cells").is_dir():
         print(f"error: --out {ns.out}: no cells/ folder there (run examples/study/study.py first)", file=sys.stderr)
@@ -478,8 +525,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {ns.out}: no {STUDY_MARKER} there: examples/study/study.py did not make "
               "this folder", file=sys.stderr)
         return 2
+    if ns.publish and not Path(ns.publish).is_file():
+        print(f"error: --publish {ns.publish}: no such file", file=sys.stderr)
+        return 2
     for f in write_report(ns.out, kl_threshold=ns.kl_threshold):
         print(f)
+    if ns.publish:
+        try:
+            print(publish(Path(ns.out) / "report", Path(ns.publish)))
+        except ValueError as e:
+            print(f"error: --publish {ns.publish}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -283,3 +283,36 @@ def test_the_report_shows_the_async_columns_for_async_conditions_only(tmp_path):
     assert "async" not in summ["bf16-k4/grpo/all/s1"]
     assert summ["async-s4/grpo/all/s2"]["async"]["regenerated_groups"] == 3.0
     assert (mixed / "report" / "async_staleness.png").stat().st_size > 1000
+
+
+def test_publish_writes_only_between_its_markers_and_refuses_otherwise(tmp_path):
+    """--publish: the generated report lands between the markers (headings one level down,
+    plots under study/), the rest of the document is untouched; a document without markers
+    or a study/ folder it did not make is refused with nothing written."""
+    rep = tmp_path / "run" / "report"
+    rep.mkdir(parents=True)
+    (rep / "report.md").write_text("# ALP study report\n\n## fp8-k4\n\n| a | b |\n\n![reward](reward.png)\n")
+    (rep / "reward.png").write_bytes(b"\x89PNG fake")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    doc = docs / "results.md"
+    doc.write_text(f"# Results\n\nbefore\n{report.BEGIN}\nold table\n{report.END}\nafter\n")
+    report.publish(rep, doc)
+    assert doc.read_text() == (f"# Results\n\nbefore\n{report.BEGIN}\n\n### fp8-k4\n\n| a | b |\n\n"
+                               f"![reward](study/reward.png)\n{report.END}\nafter\n")
+    assert (docs / "study" / "reward.png").read_bytes() == b"\x89PNG fake"
+    report.publish(rep, doc)  # again: same result, its own folder accepted
+    assert doc.read_text().count("### fp8-k4") == 1
+    bare = docs / "bare.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="needs exactly one line"):
+        report.publish(rep, bare)
+    assert bare.read_text() == "# no markers\n"
+    other = tmp_path / "other"
+    (other / "study").mkdir(parents=True)
+    (other / "study" / "mine.png").write_bytes(b"user's")
+    (other / "r.md").write_text(f"{report.BEGIN}\n{report.END}\n")
+    with pytest.raises(ValueError, match="not written by this tool"):
+        report.publish(rep, other / "r.md")
+    assert (other / "r.md").read_text() == f"{report.BEGIN}\n{report.END}\n"
+    assert sorted(p.name for p in (other / "study").iterdir()) == ["mine.png"]
