@@ -78,6 +78,7 @@ class EngineLink:
             answers=self.dataset.answers, reward_fn=get_reward(run.reward), sampler=self.sampler,
             make_sampling=make_sampling, group_size=run.group_size, prompts_per_step=run.prompts_per_step,
             max_new_tokens=run.max_new_tokens, seed=self.cfg.seed,
+            sandbox=self.sandbox, multiturn=getattr(self, "multiturn", None) if self.sandbox is not None else None,
         )
         if self.async_state is not None:
             self.source.load_state_dict(self.async_state)

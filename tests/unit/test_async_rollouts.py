@@ -11,6 +11,7 @@ shows. The real engines and trainer run in ``tests/e2e/test_async_rollouts.py``.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -156,3 +157,79 @@ def test_bad_configuration_names_the_flag():
         AsyncConfig(mode="one-step-off", max_staleness=0)
     with pytest.raises(ValueError, match="--rl-async-buffer-groups=1 is below --grpo-prompts-per-step=2"):
         _source(AsyncConfig(mode="fully-async", buffer_groups=1))
+
+
+# ------------------------------------------------------------------------ multi-turn
+class MTTok:
+    """Token 1000 decodes to a code block, 1001 to a final answer, the rest to words."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        words = {1000: "```python\nprint(1)\n```", 1001: "\\boxed{1}"}
+        return " ".join(words.get(t, "w") for t in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [7] * max(1, len(text.split()))
+
+
+class MTFleet(ScriptedFleet):
+    """Turn 0 writes code; the turn after the observation answers, but only once the
+    test opens ``gate`` (so an update lands between the two turns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.waiting = 0  # second-turn requests held at the gate
+
+    def generate_rows(self, rows, sp):
+        second = any(1000 in p for _, _, p in rows)
+        if second:
+            with self.lock:
+                self.waiting += 1
+            assert self.gate.wait(30)
+        with self.lock:
+            version = self.version
+        tok = 1001 if second else 1000
+        return [(Completion(i, j, [tok], [-0.5], "stop"), version) for i, j, _ in rows]
+
+
+class OkSandbox:
+    def run_batch(self, codes):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(stdout="1\n", stderr="", exit_code=0, timed_out=False) for _ in codes]
+
+
+def test_multiturn_trajectories_span_an_update_with_versions_per_turn():
+    from megatron_alp.rollout import MultiTurnConfig
+
+    engine = MTFleet()
+    src = AsyncRollouts(
+        AsyncConfig(mode="fully-async", max_staleness=1), engine=engine, tokenizer=MTTok(),
+        prompt_ids=PROMPTS, answers=["1"] * len(PROMPTS), reward_fn=lambda text, a: float("boxed" in text),
+        sampler=PromptSampler(len(PROMPTS), 3),
+        make_sampling=lambda m, seed: SamplingParams(max_new_tokens=m, seed=seed, n=1),
+        group_size=2, prompts_per_step=2, max_new_tokens=32, seed=7,
+        sandbox=OkSandbox(), multiturn=MultiTurnConfig(max_turns=3, observation_format="inline"),
+    )
+    src.start(0)
+    try:
+        deadline = time.monotonic() + 30
+        while engine.waiting < 2:  # both groups' first turns are done (under version 0)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        src.before_sync()  # step 1's update lands while every trajectory waits for turn 2
+        with engine.lock:
+            engine.version += 1
+        src.after_sync(1)
+        engine.gate.set()
+        samples, metrics = src.take(1)
+    finally:
+        src.close()
+    assert len(samples) == 4
+    for s in samples:
+        n_obs = len(s.response_ids) - 2
+        assert s.response_ids[0] == 1000 and s.response_ids[-1] == 1001 and n_obs >= 1
+        assert s.loss_mask == [1] + [0] * n_obs + [1]
+        assert s.versions == [0] * (1 + n_obs) + [1]  # the observation carries its turn's version
+        assert s.reward == 1.0
+    assert metrics["async/staleness_max"] == 1.0 and metrics["async/versions_per_sample_max"] == 2.0

@@ -114,6 +114,8 @@ BAD = [
                             "--rl-async-buffer-groups", "-1"], "--rl-async-buffer-groups=-1 is invalid"),
     ("segment-zero", ["--rl-async-mode", "fully-async", "--rl-rollout-engine", "fleet", "--rl-partial-rollouts",
                       "--rl-partial-rollout-tokens", "0"], "--rl-partial-rollout-tokens=0 is invalid"),
+    ("async-multiturn-one-step-off", ["--rl-async-mode", "one-step-off", "--rl-rollout-engine", "fleet",
+                                     "--rl-max-turns", "3"], "multi-turn rollouts run under --rl-async-mode fully-async only"),
     ("simulate-bad", ["--rl-rollout-engine", "fleet", "--rl-fleet-simulate-tokens-per-s", "1,2,3"],
      "--rl-fleet-simulate-tokens-per-s '1,2,3' is invalid"),
     ("simulate-endpoints", ["--rl-rollout-engine", "fleet", "--rl-fleet-endpoints", "http://127.0.0.1:1",
