@@ -50,6 +50,7 @@ def _check_staleness(out: dict, bound: int) -> collections.Counter:
     return ages
 
 
+@pytest.mark.slow  # ~40 s after rank start-up (engine processes, 4 steps); unit twin: tests/unit/test_async_rollouts.py
 def test_fully_async_partial_rollouts_every_token_exact_under_its_version(group, assets, tmp_path):
     """fully-async + partial rollouts, slow and fast engines (simulated devices), S = 1:
     every token's engine log-prob equals the trainer's under the version that made it."""
