@@ -125,18 +125,42 @@ def test_deterministic_fully_async_follows_its_schedule_and_resumes_exactly():
     assert key(head + tail) == key(full)
 
 
+def _settle(src) -> None:
+    """Until every admitted group has finished (its rewards are in)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with src.cv:
+            if all(g.rewards is not None for g in src.groups.values()):
+                return
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_fully_async_regenerates_what_an_update_made_too_stale():
-    """S = 0: a group finished under the previous version is regenerated when taken, so
-    no batch holds a stale token; the count says how many."""
+    """S = 0: groups finished under the previous version (the buffer holds 4 for steps of
+    2) are regenerated when taken, so no batch holds a stale token; the count says how
+    many. Each sync waits for the buffer to settle, so the schedule does not depend on
+    thread timing."""
     src, engine = _source(AsyncConfig(mode="fully-async", max_staleness=0, buffer_groups=4))
     src.start(0)
+    taken = []
     try:
-        taken = _steps(src, engine, 0, 4)
+        for t in range(4):
+            _settle(src)
+            samples, metrics = src.take(t)
+            taken.append((t, samples, metrics))
+            _settle(src)  # the 2 groups admitted in place of the batch finish under version t
+            src.before_sync()
+            with engine.lock:
+                engine.version += 1
+                engine.weights = t + 1
+            src.after_sync(t + 1)
     finally:
         src.close()
     for t, samples, metrics in taken:
         assert {v for s in samples for v in s.versions} == {t}
-    assert taken[-1][2]["async/regenerated_groups"] >= 2  # 4 buffered - 2 taken, each step
+    # from step 2 on, all 4 buffered groups are one version old when taken: regenerated
+    assert [m["async/regenerated_groups"] for _, _, m in taken] == [0, 4, 8, 12]
 
 
 def test_staleness_metrics_histogram():
