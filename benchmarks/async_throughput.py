@@ -1,6 +1,6 @@
 """Steps per hour of synchronous vs one-step-off vs fully-async RL over a twin fleet.
 
-    python benchmarks/async_throughput.py [--rounds 3] [--steps 8] [--tokens-per-s 800]
+    python benchmarks/async_throughput.py [--rounds 3] [--steps 8] [--tokens-per-s 200]
 
 A **simulation of engines on their own GPUs**: on a CPU machine trainer and engines share
 the cores, so overlap cannot show as wall time. Each twin engine is given a simulated
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="paired rounds (default 3)")
     p.add_argument("--steps", type=int, default=8, help="RL steps per run (default 8)")
-    p.add_argument("--tokens-per-s", type=float, default=800.0,
-                   help="each simulated engine's decode throughput, tokens/s (default 800)")
+    p.add_argument("--tokens-per-s", type=float, default=200.0,
+                   help="each simulated engine's decode throughput, tokens/s (default 200)")
     p.add_argument("--engines", type=int, default=2, help="twin engines (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="response tokens (default 16)")
     ns = p.parse_args(argv)

@@ -120,6 +120,9 @@ class Completion:
     """``stop`` (a stop/EOS token) or ``length`` (max_new_tokens reached); an engine
     never turns vLLM's ``abort`` into either (the fleet client retries aborted requests,
     the in-process vLLM engine raises)."""
+    version: int | None = None
+    """The policy version whose weights produced it, where the caller labels it
+    (asynchronous rollouts, ``train/async_rollouts.py``); None otherwise."""
 
 
 @runtime_checkable

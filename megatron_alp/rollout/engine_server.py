@@ -261,6 +261,18 @@ class EngineServer:
         self.httpd.serve_forever()
 
 
+def _watch_parent(parent: int) -> None:
+    """Exit this process once ``parent`` is no longer its parent (it died, perhaps before
+    this process got here: the engine was re-parented). A local fleet starts its engines
+    in their own sessions, so no signal reaches them when the trainer is killed."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry (see the module docstring); usage errors exit 2."""
     p = argparse.ArgumentParser(prog="python -m megatron_alp.rollout.engine_server",
@@ -274,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simulate-tokens-per-s", type=float, default=None, metavar="R",
                    help="simulate an engine on its own GPU: a decode batch that made n tokens "
                         "takes at least n / R seconds (sleeping, not computing; default: off)")
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                   help="exit when process PID (the one that started this engine) is gone: a "
+                        "local fleet's engines do not outlive a trainer killed with SIGKILL")
     args = p.parse_args(argv)
+    if args.exit_with_parent is not None:
+        _watch_parent(args.exit_with_parent)
     if args.simulate_tokens_per_s is not None and not args.simulate_tokens_per_s > 0:
         p.error(f"--simulate-tokens-per-s={args.simulate_tokens_per_s} is invalid; expected tokens/s > 0")
     if not os.path.isdir(args.model):

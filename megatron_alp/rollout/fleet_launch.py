@@ -90,9 +90,9 @@ def engine_command(
     (``CPU_KV_CACHE_BYTES``), turns chunked prefill off (``CPU_NO_CHUNKED_PREFILL``)
     and runs eagerly, unless ``extra`` says otherwise; ``python`` runs a vLLM engine
     (default :func:`~megatron_alp.rollout.vllm_env.vllm_python`)."""
-    if backend == "twin":
+    if backend == "twin":  # it exits with its starter (a trainer killed by SIGKILL included)
         return [sys.executable, "-m", "megatron_alp.rollout.engine_server", "--model", model,
-                "--host", host, "--port", str(port), "--dtype", dtype, *extra]
+                "--host", host, "--port", str(port), "--dtype", dtype, "--exit-with-parent", str(os.getpid()), *extra]
     if backend == "vllm":
         extra = list(extra)
         for k, a in enumerate(extra):

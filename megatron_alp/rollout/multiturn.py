@@ -156,6 +156,10 @@ class Trajectory:
     void_turns: int
     """Turns with neither code nor answer."""
     finish_reason: Literal["answer", "max_turns", "length", "void"]
+    versions: list[int] | None = None
+    """Per response token: the policy version of the turn that produced it (an
+    observation carries its turn's), where the engine's completions say
+    (``Completion.version``: asynchronous rollouts, whose turns may span versions)."""
 
 
 @dataclasses.dataclass
@@ -172,11 +176,16 @@ class _State:
     tool_timeouts: int = 0
     void_turns: int = 0
     finish: str | None = None
+    versions: list[int | None] = dataclasses.field(default_factory=list)
+    version: int | None = None  # the last model turn's
 
-    def add(self, ids: Sequence[int], logp: Sequence[float] | None) -> None:
+    def add(self, ids: Sequence[int], logp: Sequence[float] | None, version: int | None = None) -> None:
+        if logp is not None:
+            self.version = version
         self.response.extend(ids)
         self.mask.extend([1 if logp is not None else 0] * len(ids))
         self.logp.extend(logp if logp is not None else [0.0] * len(ids))
+        self.versions.extend([self.version] * len(ids))
 
 
 def _truncate_middle(text: str, limit: int) -> str:
@@ -293,7 +302,7 @@ def run_multiturn(
                 n, code = cut
                 ids, logp = ids[:n], logp[:n]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            s.add(ids, logp)
+            s.add(ids, logp, getattr(c, "version", None))
             if cut is not None:
                 if answer_rx.search(text):
                     s.finish = "answer"  # still run it: the reference shows the output
@@ -322,7 +331,7 @@ def run_multiturn(
         for s in active:
             budget = cfg.max_response_tokens
             if budget is not None and len(s.response) >= budget:
-                del s.response[budget:], s.mask[budget:], s.logp[budget:]
+                del s.response[budget:], s.mask[budget:], s.logp[budget:], s.versions[budget:]
                 s.finish = s.finish or "length"
     out = []
     for s in states:
@@ -336,6 +345,7 @@ def run_multiturn(
             turns=s.turns, tool_calls=s.tool_calls, tool_errors=s.tool_errors,
             tool_timeouts=s.tool_timeouts, void_turns=s.void_turns,
             finish_reason=s.finish or "max_turns",
+            versions=list(s.versions) if s.versions and None not in s.versions else None,
         ))
     return out
 

@@ -122,6 +122,7 @@ class _Group:
     reasons: list = dataclasses.field(default_factory=list)  # None while the sample runs
     rewards: list | None = None
     finished_at: float = 0.0
+    masks: list | None = None  # multi-turn: each trajectory's loss mask
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -134,6 +135,7 @@ class _Group:
         self.versions = [[] for _ in range(self.n)]
         self.reasons = [None] * self.n
         self.rewards = None
+        self.masks = None
 
     def done(self) -> bool:
         return all(r is not None for r in self.reasons)
@@ -178,6 +180,20 @@ class IdleMeter:
         return max(0.0, 1.0 - (now[1] - before[1]) / ((now[0] - before[0]) * now[2]))
 
 
+class _Labelled:
+    """The fleet as ``run_multiturn`` calls it (``generate``), each completion labelled
+    with the policy version that produced it."""
+
+    def __init__(self, source: "AsyncRollouts") -> None:
+        self.source = source
+
+    def generate(self, prompts: list, sampling: Any) -> list:
+        rows = [(i, j, list(p)) for i, p in enumerate(prompts) for j in range(sampling.n)]
+        out = self.source.engine.generate_rows(rows, sampling)
+        with self.source.cv:
+            return [dataclasses.replace(c, version=self.source.fleet_to_policy[int(v)]) for c, v in out]
+
+
 class AsyncRollouts:
     """The asynchronous rollout source of rank 0 (see the module docstring).
 
@@ -189,8 +205,13 @@ class AsyncRollouts:
     def __init__(self, cfg: AsyncConfig, *, engine: Any, tokenizer: Any, prompt_ids: list,
                  answers: list, reward_fn: Callable[[str, str], float], sampler: Any,
                  make_sampling: Callable[[int, int], Any], group_size: int, prompts_per_step: int,
-                 max_new_tokens: int, seed: int) -> None:
+                 max_new_tokens: int, seed: int, sandbox: Any = None, multiturn: Any = None) -> None:
         self.cfg = cfg
+        self.sandbox, self.multiturn = sandbox, multiturn  # multi-turn: trajectories, turn by turn
+        if multiturn is not None and (cfg.scheduled or cfg.partial_rollouts):
+            raise ValueError("--rl-max-turns > 1 takes --rl-async-mode fully-async without "
+                             "--rl-async-deterministic / --rl-partial-rollouts (a trajectory's "
+                             "turns are its segments)")
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.answers, self.reward_fn = prompt_ids, answers, reward_fn
         self.sampler, self.make_sampling = sampler, make_sampling
@@ -302,6 +323,8 @@ class AsyncRollouts:
                 self.cv.notify_all()
 
     def _generate_group(self, g: _Group) -> None:
+        if self.multiturn is not None:
+            return self._generate_trajectories(g)
         while True:
             with self.cv:
                 if self.closed or g.uid not in self.groups:
@@ -347,6 +370,43 @@ class AsyncRollouts:
             g.finished_at = time.monotonic()
             self.running.discard(g.uid)
             self.cv.notify_all()
+
+    def _generate_trajectories(self, g: _Group) -> None:
+        """Multi-turn: the group's trajectories (``run_multiturn``), each turn one request
+        under whatever weights the engines serve by then, so a trajectory's turns may span
+        versions; regenerated whole while too stale."""
+        import dataclasses as dc
+
+        from megatron_alp.rollout import run_multiturn
+
+        while True:
+            with self.cv:
+                if self.closed or g.uid not in self.groups:
+                    self.running.discard(g.uid)
+                    return
+                seed = completion_seed(self.seed, g.uid, g.attempt) % (2**31)
+            sampling = dc.replace(self.make_sampling(self.max_new, seed), n=self.n)
+            trajs = run_multiturn(_Labelled(self), [self.prompt_ids[g.row]], sampling, self.tokenizer,
+                                  self.sandbox, self.multiturn)
+            rewards = [float(self.reward_fn(t.response_text, self.answers[g.row])) for t in trajs]
+            with self.cv:
+                if self.closed:
+                    self.running.discard(g.uid)
+                    return
+                g.tokens = [list(t.response_ids) for t in trajs]
+                g.logps = [list(t.rollout_logprobs) for t in trajs]
+                g.versions = [list(t.versions) for t in trajs]
+                g.masks = [list(t.loss_mask) for t in trajs]
+                g.reasons = [t.finish_reason for t in trajs]
+                g.segment += 1
+                if self._too_stale(g, self.version):
+                    self._regenerate(g)
+                    continue
+                g.rewards = rewards
+                g.finished_at = time.monotonic()
+                self.running.discard(g.uid)
+                self.cv.notify_all()
+                return
 
     def _too_stale(self, g: _Group, trainer_version: int) -> bool:
         oldest = g.oldest()
@@ -394,7 +454,8 @@ class AsyncRollouts:
         samples = [
             Sample(prompt_index=g.row, group=slot, prompt_ids=list(self.prompt_ids[g.row]),
                    response_ids=list(g.tokens[j]), rollout_logp=list(g.logps[j]),
-                   finish_reason=g.reasons[j], reward=g.rewards[j], versions=list(g.versions[j]))
+                   finish_reason=g.reasons[j], reward=g.rewards[j], versions=list(g.versions[j]),
+                   loss_mask=list(g.masks[j]) if g.masks is not None else None)
             for slot, g in enumerate(chosen) for j in range(g.n)
         ]
         metrics = staleness_metrics(samples, trainer_version, self.cfg.max_staleness)

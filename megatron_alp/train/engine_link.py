@@ -9,20 +9,24 @@ told before (scheduled modes wait for the work due under the old version) and af
 
 from __future__ import annotations
 
+import collections
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_alp import parallel, platform
 from megatron_alp.rollout import SamplingParams, create_engine
-from megatron_alp.train.rollouts import Sample, encode_prompts, generate, generate_multiturn
+from megatron_alp.train.rollouts import Sample, encode_prompts, generate, generate_multiturn, pass_at_k
+from megatron_alp.train.signals import StepInterrupted
 
 __all__ = ["EngineLink"]
 
 
 class EngineLink:
-    """Engine start-up, generation and weight sync of the :class:`Trainer` (a mixin)."""
+    """Engine start-up, generation (training and evaluation) and weight sync of the
+    :class:`Trainer` (a mixin)."""
 
     def start_engine(self) -> None:
         if self.rank != 0:
@@ -78,6 +82,7 @@ class EngineLink:
             answers=self.dataset.answers, reward_fn=get_reward(run.reward), sampler=self.sampler,
             make_sampling=make_sampling, group_size=run.group_size, prompts_per_step=run.prompts_per_step,
             max_new_tokens=run.max_new_tokens, seed=self.cfg.seed,
+            sandbox=self.sandbox, multiturn=getattr(self, "multiturn", None) if self.sandbox is not None else None,
         )
         if self.async_state is not None:
             self.source.load_state_dict(self.async_state)
@@ -210,3 +215,45 @@ class EngineLink:
             max_new_tokens=run.max_new_tokens, n=n, seed=seed, stop_token_ids=self.stop_ids,
         )
 
+    # ------------------------------------------------------------------ eval
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_set is None:
+            return {}
+        out: dict[str, float] = {}
+        samples = None
+        if self.rank == 0:
+            from megatron_alp.rewards import get_reward
+
+            run = self.cfg.run
+            lagged = bool(self.cfg.run.generation_lag) and len(self.lagged) > 1
+            if lagged:  # evaluate the current policy, not the engine's lagged copy
+                self._load_engine(self.lagged[-1])
+            t0 = time.perf_counter()
+            n = run.eval_samples
+            rows = list(range(len(self.eval_set)))
+            try:
+                with self.stop.interruptible():
+                    samples = self._generate(
+                        self.eval_ids, rows, self.eval_set.answers, self._sampling(n, 12345),
+                        get_reward(run.reward),
+                    )
+            except StepInterrupted:
+                # the step is complete: run() saves it; rank 0 still reaches wait_for_rank
+                # below, where the other ranks wait for it
+                self.interrupted_in = f"the evaluation after step {self.step}: skipped"
+                samples = None
+            if lagged:
+                self._load_engine(self.lagged[0])
+        if self.rank == 0 and samples is not None:
+            name = Path(self.eval_set.path).stem
+            correct = collections.Counter()
+            for s in samples:
+                correct[s.prompt_index] += s.reward >= 1.0
+            out[f"val/{name}/mean@{n}"] = sum(s.reward for s in samples) / len(samples)
+            k = 1
+            while k <= n:
+                out[f"val/{name}/pass@{k}"] = sum(pass_at_k(n, correct[r], k) for r in rows) / len(rows)
+                k *= 2
+            out["timing_s/eval"] = time.perf_counter() - t0
+        parallel.wait_for_rank(0)  # rank 0 evaluated alone; the next collective waits for it here
+        return out

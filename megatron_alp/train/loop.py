@@ -1,7 +1,11 @@
 """The RL loop: one step = rollouts -> rewards -> advantages -> log-prob pass -> updates -> sync.
 
-    prompts (seeded sampler)          every rank draws the same indices
-    -> rollouts on the engine         rank 0 (``--grpo-group-size`` per prompt), broadcast
+    rollouts from the source          synchronous: prompts from the seeded sampler (every
+                                      rank draws the same indices), generated on the
+                                      engine now, rank 0 (``--grpo-group-size`` per
+                                      prompt); asynchronous (``--rl-async-mode``): the
+                                      next batch of rank 0's buffer, generated while
+                                      earlier steps trained (``async_rollouts.py``)
     -> rewards, advantages            registry reward; GRPO (default) per prompt group
     -> log-prob pass                  forward only, never perturbed: old log-probs (the
                                       preset's denominator / IS weights) and the
@@ -11,10 +15,14 @@
                                       one Megatron optimizer step each; ALP noise on in the
                                       update forward only; globally normalised loss
     -> weight sync                    HF-named buckets -> engine (K steps old under
-                                      --rl-generation-lag K)
+                                      --rl-generation-lag K; in flight, while the
+                                      engines generate, under --rl-async-mode)
     -> metrics, eval, checkpoint, exit checks (agreed by every rank)
 
-Everything here is collective: every rank runs the same sequence of calls.
+``Trainer.train_step`` runs these as phases (``rollouts``, ``_logprob_phase``,
+``_update_phase``, ``_sync_phase``, ``_step_metrics``); the engine side (start-up,
+generation, weight export and sync) is ``engine_link.py``. Everything here is collective:
+every rank runs the same sequence of calls.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from megatron_alp.train.logging import RunLogger, progress_line, say_layer_spec,
 from megatron_alp.train.policy import Policy
 from megatron_alp.train.signals import ExitSignal, StepInterrupted
 from megatron_alp.train.sync_host import share_sync_host
-from megatron_alp.train.rollouts import Sample, add_advantages, pass_at_k
+from megatron_alp.train.rollouts import Sample, add_advantages
 
 __all__ = ["run"]
 
@@ -307,38 +315,7 @@ class Trainer(EngineLink):
                                            f"{len(grad_norms)} of its {n_planned} mini-batches")
                     break
                 batches = [self._micro(st, ids, extra, off) for ids, off in zip(mb.micro, mb.offsets)]
-                counts = (0, 0)
-                if self.is_last:
-                    masks = [
-                        effective_loss_mask(
-                            loss_cfg, b["loss_mask"], rollout_logp=b["rollout_logp"],
-                            old_logp=b["old_logp"], advantages=b["advantages"], ref_logp=b.get("ref_logp"),
-                        )
-                        for b in batches
-                    ]
-                    counts = global_loss_counts(masks, dp_group=self.dp_group_host)
-                mb_sums: dict[str, torch.Tensor] = {}
-
-                def loss_fn(lp, entropy, b, _counts=counts, _sums=mb_sums):
-                    loss, stats = compute_policy_loss(
-                        loss_cfg, lp, b["old_logp"], b["rollout_logp"], b["advantages"], b["loss_mask"],
-                        ref_logp=b.get("ref_logp"), entropy=entropy,
-                        global_token_count=_counts[0], global_seq_count=_counts[1],
-                    )
-                    mask = b["loss_mask"]
-                    den = b["rollout_logp"] if loss_cfg.denominator == "rollout" else b["old_logp"]
-                    kl = ((den - lp.detach()) * mask).sum() / max(_counts[0], 1)
-                    ratio_metrics.update(
-                        logp=lp.detach(), rollout_logp=b["rollout_logp"], mask=mask,
-                        old_logp=b["old_logp"], advantages=b["advantages"],
-                    )
-                    for k, v in (("actor/pg_loss", stats["policy/pg_loss"]), ("actor/ppo_kl", kl),
-                                 ("actor/loss", loss.detach())):
-                        _sums[k] = _sums.get(k, 0.0) + v.double()
-                    if "policy/kl_ref" in stats:
-                        _sums["actor/kl_loss"] = _sums.get("actor/kl_loss", 0.0) + stats["policy/kl_ref"].double()
-                    return loss, {}
-
+                loss_fn, mb_sums = self._minibatch_loss(batches, ratio_metrics)
                 ctx = None
                 if cfg.alp.enabled:
                     key = next(alp_keys)
@@ -378,6 +355,44 @@ class Trainer(EngineLink):
         metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["actor/lr"] = lrs[-1]
         metrics.update(alp_metrics(self.policy.model))
+
+    def _minibatch_loss(self, batches: list[dict], ratio_metrics: MismatchMetrics) -> tuple[Any, dict]:
+        """The loss of one mini-batch, normalised by its global token / sequence counts
+        (all DP ranks), and the dict its micro-batches' pg-loss / KL / loss sums go into."""
+        loss_cfg = self.cfg.loss
+        counts = (0, 0)
+        if self.is_last:
+            masks = [
+                effective_loss_mask(
+                    loss_cfg, b["loss_mask"], rollout_logp=b["rollout_logp"],
+                    old_logp=b["old_logp"], advantages=b["advantages"], ref_logp=b.get("ref_logp"),
+                )
+                for b in batches
+            ]
+            counts = global_loss_counts(masks, dp_group=self.dp_group_host)
+        mb_sums: dict[str, torch.Tensor] = {}
+
+        def loss_fn(lp, entropy, b, _counts=counts, _sums=mb_sums):
+            loss, stats = compute_policy_loss(
+                loss_cfg, lp, b["old_logp"], b["rollout_logp"], b["advantages"], b["loss_mask"],
+                ref_logp=b.get("ref_logp"), entropy=entropy,
+                global_token_count=_counts[0], global_seq_count=_counts[1],
+            )
+            mask = b["loss_mask"]
+            den = b["rollout_logp"] if loss_cfg.denominator == "rollout" else b["old_logp"]
+            kl = ((den - lp.detach()) * mask).sum() / max(_counts[0], 1)
+            ratio_metrics.update(
+                logp=lp.detach(), rollout_logp=b["rollout_logp"], mask=mask,
+                old_logp=b["old_logp"], advantages=b["advantages"],
+            )
+            for k, v in (("actor/pg_loss", stats["policy/pg_loss"]), ("actor/ppo_kl", kl),
+                         ("actor/loss", loss.detach())):
+                _sums[k] = _sums.get(k, 0.0) + v.double()
+            if "policy/kl_ref" in stats:
+                _sums["actor/kl_loss"] = _sums.get("actor/kl_loss", 0.0) + stats["policy/kl_ref"].double()
+            return loss, {}
+
+        return loss_fn, mb_sums
 
     def _sync_phase(self, samples: list[Sample] | None, timing: dict[str, float]) -> dict[str, float]:
         """The step is done: push the weights (in flight under ``--rl-async-mode``) and, every
@@ -435,49 +450,6 @@ class Trainer(EngineLink):
                     metrics["async/engine_idle_frac"] = self.idle_meter.idle_fraction()
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         return metrics
-
-    # ------------------------------------------------------------------ eval
-    def evaluate(self) -> dict[str, float]:
-        if self.eval_set is None:
-            return {}
-        out: dict[str, float] = {}
-        samples = None
-        if self.rank == 0:
-            from megatron_alp.rewards import get_reward
-
-            run = self.cfg.run
-            lagged = bool(self.cfg.run.generation_lag) and len(self.lagged) > 1
-            if lagged:  # evaluate the current policy, not the engine's lagged copy
-                self._load_engine(self.lagged[-1])
-            t0 = time.perf_counter()
-            n = run.eval_samples
-            rows = list(range(len(self.eval_set)))
-            try:
-                with self.stop.interruptible():
-                    samples = self._generate(
-                        self.eval_ids, rows, self.eval_set.answers, self._sampling(n, 12345),
-                        get_reward(run.reward),
-                    )
-            except StepInterrupted:
-                # the step is complete: run() saves it; rank 0 still reaches wait_for_rank
-                # below, where the other ranks wait for it
-                self.interrupted_in = f"the evaluation after step {self.step}: skipped"
-                samples = None
-            if lagged:
-                self._load_engine(self.lagged[0])
-        if self.rank == 0 and samples is not None:
-            name = Path(self.eval_set.path).stem
-            correct = collections.Counter()
-            for s in samples:
-                correct[s.prompt_index] += s.reward >= 1.0
-            out[f"val/{name}/mean@{n}"] = sum(s.reward for s in samples) / len(samples)
-            k = 1
-            while k <= n:
-                out[f"val/{name}/pass@{k}"] = sum(pass_at_k(n, correct[r], k) for r in rows) / len(rows)
-                k *= 2
-            out["timing_s/eval"] = time.perf_counter() - t0
-        parallel.wait_for_rank(0)  # rank 0 evaluated alone; the next collective waits for it here
-        return out
 
     # ------------------------------------------------------------------ state
     def trainer_state(self) -> dict[str, Any]:

@@ -18,7 +18,6 @@ def versions_body(argv: list[str], world_size: int) -> Any:
     import torch.distributed as dist
 
     from megatron_alp.train.arguments import parse_args
-    from megatron_alp.train.batches import step_tensors
     from megatron_alp.train.loop import Trainer, run
 
     cfg = parse_args(argv, world_size=world_size)
@@ -26,6 +25,8 @@ def versions_body(argv: list[str], world_size: int) -> Any:
     taken: list[tuple[int, list]] = []
     trainers: list[Trainer] = []
     orig_init, orig_sync, orig_take = Trainer.__init__, Trainer.sync_weights, Trainer._rollouts_taken
+    orig_step = Trainer.train_step
+    result: dict = {}
 
     def init(self, *a, **kw):
         orig_init(self, *a, **kw)
@@ -40,12 +41,34 @@ def versions_body(argv: list[str], world_size: int) -> Any:
         taken.append((self.step, [dataclasses.replace(s) for s in samples]))
         return samples
 
+    def step(self):
+        metrics = orig_step(self)
+        if self.step == cfg.train_iters:  # the last sync is done; the groups are still up
+            result.update(_recompute(self, cfg, weights, taken))
+        return metrics
+
     Trainer.__init__, Trainer.sync_weights, Trainer._rollouts_taken = init, sync, take
+    Trainer.train_step = step
     try:
         out = run(cfg)
     finally:
         Trainer.__init__, Trainer.sync_weights, Trainer._rollouts_taken = orig_init, orig_sync, orig_take
-    tr = trainers[-1]
+        Trainer.train_step = orig_step
+    if dist.get_rank() != 0:
+        return None
+    return dict(history=out["history"], **result)
+
+
+def _recompute(tr, cfg, weights, taken) -> dict:
+    """Every taken token's engine log-prob and the trainer's under its recorded version
+    (collective: the log-prob pass under each version's weights)."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_alp.train.batches import step_tensors
+
     box = [taken if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     taken = box[0]
@@ -69,7 +92,7 @@ def versions_body(argv: list[str], world_size: int) -> Any:
                 lp[torch.tensor(c)] = o["logp"].float().cpu()
             recomputed[v] = lp
     if dist.get_rank() != 0:
-        return None
+        return {}
     rows = []
     owner = {}
     k = 0
@@ -81,4 +104,4 @@ def versions_body(argv: list[str], world_size: int) -> Any:
     for n, pos in mask.nonzero().tolist():
         v = int(vt[n, pos])
         rows.append((owner[n], n, pos, v, float(st.rollout_logp[n, pos]), float(recomputed[v][n, pos])))
-    return dict(history=out["history"], taken=taken, tokens=rows, versions=sorted(weights))
+    return dict(taken=taken, tokens=rows, versions=sorted(weights))

@@ -15,12 +15,15 @@ import pytest
 
 from megatron_alp.launch import RankGroup
 from tests.e2e.async_bodies import versions_body
-from tests.e2e.train_bodies import base_argv, build_assets
+from tests.e2e.train_bodies import base_argv, prepare_module
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("async_assets"))
+    """The trainer tests' tiny Qwen2 and task, not warmed up (rewards do not matter here)."""
+    out = tmp_path_factory.mktemp("async_assets")
+    prepare_module().build(out, seed=0, target=0.3, layers=2, hidden=32, warmup_max_steps=0)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +50,16 @@ def _check_staleness(out: dict, bound: int) -> collections.Counter:
     return ages
 
 
+@pytest.mark.slow  # ~40 s after rank start-up (engine processes, 4 steps); unit twin: tests/unit/test_async_rollouts.py
 def test_fully_async_partial_rollouts_every_token_exact_under_its_version(group, assets, tmp_path):
     """fully-async + partial rollouts, slow and fast engines (simulated devices), S = 1:
     every token's engine log-prob equals the trainer's under the version that made it."""
     out = group.run(versions_body, base_argv(
-        assets, tmp_path / "run", "--train-iters", "5", *_fleet(
+        assets, tmp_path / "run", "--train-iters", "4", *_fleet(
             "--rl-async-mode", "fully-async", "--rl-partial-rollouts", "--rl-partial-rollout-tokens", "2",
             "--rl-max-staleness", "1", "--rl-async-buffer-groups", "12",
             "--rl-fleet-simulate-tokens-per-s", "60,400")), 2)[0]
-    assert [h["step"] for h in out["history"]] == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
     tokens = out["tokens"]
     worst = max(abs(e - t) for *_, e, t in tokens)
     assert worst <= 1e-4, worst
@@ -72,6 +76,7 @@ def test_fully_async_partial_rollouts_every_token_exact_under_its_version(group,
         assert 0 <= h["async/trainer_idle_frac"] <= 1 and 0 <= h["async/engine_idle_frac"] <= 1
 
 
+@pytest.mark.slow  # two more runs (~40 s each on 2 cores)
 def test_staleness_bound_zero_regenerates_and_one_step_off_is_exactly_one_behind(group, assets, tmp_path):
     """S = 0 under fully-async with a slow and a fast engine: groups caught by an update
     are regenerated (counted), and no update sees a stale token; one-step-off: every
@@ -94,6 +99,7 @@ def test_staleness_bound_zero_regenerates_and_one_step_off_is_exactly_one_behind
     assert max(abs(e - t) for *_, e, t in out["tokens"]) <= 1e-4
 
 
+@pytest.mark.slow  # two more runs
 def test_deterministic_fully_async_is_a_function_of_the_seed(group, assets, tmp_path):
     """--rl-async-deterministic: two runs with differently fast engines take the same
     tokens under the same versions at every step (the schedule clamp(b - S + k, 0, b))."""

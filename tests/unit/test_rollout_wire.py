@@ -70,6 +70,7 @@ def test_engine_commands():
     assert "--enable-prefix-caching" in cmd
     twin = engine_command("twin", "/m", 8100, dtype="float32")
     assert twin[1:3] == ["-m", "megatron_alp.rollout.engine_server"] and "float32" in twin
+    assert "--exit-with-parent" in twin  # a trainer killed by SIGKILL leaves no engine behind
 
 
 def test_launcher_usage_errors_exit_2(tmp_path, capsys):
@@ -206,3 +207,44 @@ def test_a_prompt_group_is_one_vllm_request_with_the_same_seeds():
     assert all(openai_seed(7, i, 2) < 2**63 - 1 for i in range(100))
     with pytest.raises(ValueError, match=r"samples 0..2 has 2 choices, expected 3"):
         completions_from_openai(dict(choices=[{}, {}]), 4, 0, 3)
+
+
+@pytest.mark.slow  # two interpreters importing torch
+def test_an_engine_started_with_exit_with_parent_goes_when_its_starter_is_killed():
+    """A local fleet starts its engines in their own sessions (no signal reaches them): an
+    engine whose starter died of SIGKILL used to run on forever. ``--exit-with-parent``'s
+    watcher ends it within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import sys, time\n"
+             "from megatron_alp.rollout.engine_server import _watch_parent\n"
+             "_watch_parent(int(sys.argv[1]))\n"
+             "time.sleep(120)\n")
+    parent = ("import os, subprocess, sys, time\n"
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())], start_new_session=True)\n"
+              "print(p.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    starter = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(starter.stdout.readline())
+    time.sleep(1)  # killed early or late, the child goes: it was told its starter's pid
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init; a zombie still answers kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the engine outlived its starter")

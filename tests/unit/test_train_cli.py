@@ -97,6 +97,29 @@ BAD = [
     ("save-interval", lambda t: ["--save", str(t / "ckpt"), "--save-interval", "0"], "--save-interval=0 is invalid"),
     ("sync-port", ["--rl-rollout-engine", "fleet", "--rl-fleet-sync-port", "70000"], "--rl-fleet-sync-port=70000 is invalid"),
     ("fleet-engines", ["--rl-fleet-engines", "0"], "--rl-fleet-engines=0 is invalid"),
+    # asynchronous RL (issue 22): the in-process engine stays synchronous, and says so
+    ("async-local-engine", ["--rl-async-mode", "fully-async"],
+     "--rl-async-mode fully-async: the 'local' engine runs in the trainer's process and stays synchronous"),
+    ("async-vllm-fleet", ["--rl-async-mode", "one-step-off", "--rl-rollout-engine", "fleet",
+                          "--rl-fleet-backend", "vllm"], "with --rl-fleet-backend vllm: not supported yet"),
+    ("partial-without-async", ["--rl-partial-rollouts"], "--rl-partial-rollouts applies to --rl-async-mode"),
+    ("staleness-without-async", ["--rl-max-staleness", "2"], "--rl-max-staleness applies to --rl-async-mode"),
+    ("async-with-lag", ["--rl-async-mode", "fully-async", "--rl-rollout-engine", "fleet",
+                        "--rl-generation-lag", "1"], "--rl-generation-lag 1 emulates staleness"),
+    ("one-step-off-stale-0", ["--rl-async-mode", "one-step-off", "--rl-rollout-engine", "fleet",
+                              "--rl-max-staleness", "0"], "--rl-max-staleness=0 with --rl-async-mode one-step-off"),
+    ("one-step-off-partial", ["--rl-async-mode", "one-step-off", "--rl-rollout-engine", "fleet",
+                              "--rl-partial-rollouts"], "--rl-partial-rollouts applies to --rl-async-mode fully-async"),
+    ("async-buffer-small", ["--rl-async-mode", "fully-async", "--rl-rollout-engine", "fleet",
+                            "--rl-async-buffer-groups", "-1"], "--rl-async-buffer-groups=-1 is invalid"),
+    ("segment-zero", ["--rl-async-mode", "fully-async", "--rl-rollout-engine", "fleet", "--rl-partial-rollouts",
+                      "--rl-partial-rollout-tokens", "0"], "--rl-partial-rollout-tokens=0 is invalid"),
+    ("async-multiturn-one-step-off", ["--rl-async-mode", "one-step-off", "--rl-rollout-engine", "fleet",
+                                     "--rl-max-turns", "3"], "multi-turn rollouts run under --rl-async-mode fully-async only"),
+    ("simulate-bad", ["--rl-rollout-engine", "fleet", "--rl-fleet-simulate-tokens-per-s", "1,2,3"],
+     "--rl-fleet-simulate-tokens-per-s '1,2,3' is invalid"),
+    ("simulate-endpoints", ["--rl-rollout-engine", "fleet", "--rl-fleet-endpoints", "http://127.0.0.1:1",
+                            "--rl-fleet-simulate-tokens-per-s", "100"], "applies to a twin fleet the trainer starts"),
     ("sandbox-timeout", ["--rl-sandbox-timeout-s", "0"], "--rl-sandbox-timeout-s=0.0 is invalid"),
     ("sandbox-memory", ["--rl-sandbox-memory-mb", "0"], "--rl-sandbox-memory-mb=0 is invalid"),
     ("max-turns", ["--rl-max-turns", "0"], "--rl-max-turns=0 is invalid"),
@@ -142,7 +165,7 @@ def _cli(argv: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("name", ["yaml-train-unknown-key", "invalid-choice", "yaml-alp-unknown-key",
-                                  "negative-lr-and-min-lr", "unknown-flag", "stray-value"])
+                                  "negative-lr-and-min-lr", "unknown-flag", "stray-value", "async-local-engine"])
 def test_the_command_exits_2_with_one_line(assets, tmp_path, capsys, monkeypatch, name):
     """``megatron_alp.train``'s main (the command's body, in-process: a subprocess per case
     would cost seconds of imports; one real subprocess is below): exit 2, one line on stderr."""

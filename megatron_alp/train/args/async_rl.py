@@ -68,9 +68,13 @@ def async_config(args: argparse.Namespace, argv: list[str]) -> "object":
     if args.rl_generation_lag:
         raise ValueError(f"--rl-generation-lag {args.rl_generation_lag} emulates staleness; with "
                          f"--rl-async-mode {mode} the staleness is real: drop one of them")
-    if args.rl_max_turns > 1:
-        raise ValueError(f"--rl-async-mode {mode} with --rl-max-turns {args.rl_max_turns}: "
-                         "multi-turn rollouts are synchronous for now; use --rl-async-mode off")
+    if args.rl_max_turns > 1 and (mode != "fully-async" or partial or args.rl_async_deterministic):
+        raise ValueError(f"--rl-max-turns {args.rl_max_turns} with --rl-async-mode {mode}"
+                         f"{' --rl-partial-rollouts' if partial else ''}"
+                         f"{' --rl-async-deterministic' if args.rl_async_deterministic else ''}: "
+                         "multi-turn rollouts run under --rl-async-mode fully-async only (each turn "
+                         "is one request, so a trajectory's turns may span versions), without "
+                         "--rl-partial-rollouts or --rl-async-deterministic")
     if mode == "one-step-off" and (partial or args.rl_async_deterministic or given(argv, "--rl-async-buffer-groups")):
         flag = ("--rl-partial-rollouts" if partial else "--rl-async-deterministic"
                 if args.rl_async_deterministic else "--rl-async-buffer-groups")
