@@ -1,7 +1,7 @@
 """The ALP study (issue 21): every preset x seeds x mismatch condition, plus the layer
 ablation, each cell one run of the trainer's public CLI, then the report.
 
-    python examples/study/study.py --out runs/study                 # everything (~150 cells)
+    python examples/study/study.py --out runs/study                 # everything (138 cells)
     python examples/study/study.py --out runs/study --list          # the cells, nothing run
     python examples/study/study.py --out runs/study --cells 'bf16-k0/grpo/*' --train-iters 5
     python examples/study/study.py --out runs/study --report-only   # tables + plots only
