@@ -96,7 +96,9 @@ def test_hostile_code_does_not_stop_the_service(server):
         time.sleep(0.3)  # the hostile runs are going
         t = time.monotonic()
         benign = c.run("print(2 + 2)")
-        assert time.monotonic() - t < 2.0 and benign.stdout == "4\n"
+        # served beside the hostile runs, not queued behind them: answered before the
+        # sleeping one's wall-clock timeout frees a slot (a 2 s bound flaked at load 20)
+        assert time.monotonic() - t < LIMITS.timeout_s and benign.stdout == "4\n"
         results = [f.result() for f in futures]
     assert results[0].killed_by in ("cpu", "timeout") and results[1].killed_by in ("cpu", "timeout")
     assert results[2].killed_by == "memory"
