@@ -322,22 +322,24 @@ def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
     import numpy as np
 
     written = []
-    for metric, fname, log in (("critic/score/mean", "reward.png", False),
-                               ("is_ratio/q999", "ratio_q999.png", True),
-                               ("actor/ppo_kl", "ppo_kl.png", False)):
-        fig, axes = plt.subplots(1, len(conditions), figsize=(5 * len(conditions), 3.6), squeeze=False)
-        for ax, cond in zip(axes[0], conditions):
+
+    def panels(metric: str, fname: str, conds: list[str], *, log: bool = False, band: bool = True) -> None:
+        """One panel per condition: ``metric`` over steps per preset, mean over seeds
+        (with a +- std band when ``band``)."""
+        fig, axes = plt.subplots(1, len(conds), figsize=(5 * len(conds), 3.6), squeeze=False)
+        for ax, cond in zip(axes[0], conds):
             for key in sorted(k for k in groups if k[0] == cond and k[2] == "all"):
-                curves = [c["curves"][metric] for c in groups[key]]
+                curves = [c["curves"].get(metric, []) for c in groups[key]]
                 n = min(len(c) for c in curves)
                 if n == 0:
                     continue
                 a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
-                m, sd = np.nanmean(a, 0), np.nanstd(a, 0)
-                x = np.arange(1, n + 1)
+                m, x = np.nanmean(a, 0), np.arange(1, n + 1)
                 ax.plot(x, m, label=key[1])
-                ax.fill_between(x, m - sd, m + sd, alpha=0.2)
-            ax.set_title(f"{metric} ({cond}; mean +- std over seeds)", fontsize=9)
+                if band:
+                    sd = np.nanstd(a, 0)
+                    ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+            ax.set_title(f"{metric} ({cond}; mean {'+- std ' if band else ''}over seeds)", fontsize=9)
             ax.set_xlabel("RL step")
             if log:
                 ax.set_yscale("log")
@@ -347,6 +349,10 @@ def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
         _save(fig, out / fname)
         plt.close(fig)
         written.append(out / fname)
+
+    panels("critic/score/mean", "reward.png", conditions)
+    panels("is_ratio/q999", "ratio_q999.png", conditions, log=True)
+    panels("actor/ppo_kl", "ppo_kl.png", conditions)
     abl = sorted(k for k in groups if k[2] != "all")
     if abl:
         keys = sorted({(k[0], k[1], "all") for k in abl if (k[0], k[1], "all") in groups} | set(abl))
@@ -390,23 +396,7 @@ def _plots(groups: dict, conditions: list[str], out: Path) -> list[Path]:
         written.append(out / "layer_mismatch.png")
     asy = [c for c in conditions if any(k[0] == c and any("async" in x for x in v) for k, v in groups.items())]
     if asy:
-        fig, axes = plt.subplots(1, len(asy), figsize=(5 * len(asy), 3.6), squeeze=False)
-        for ax, cond in zip(axes[0], asy):
-            for key in sorted(k for k in groups if k[0] == cond and k[2] == "all"):
-                curves = [c["curves"].get("async/staleness_mean", []) for c in groups[key]]
-                n = min(len(c) for c in curves)
-                if n == 0:
-                    continue
-                a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves], dtype=float)
-                ax.plot(np.arange(1, n + 1), np.nanmean(a, 0), label=key[1])
-            ax.set_title(f"async/staleness_mean ({cond}; mean over seeds)", fontsize=9)
-            ax.set_xlabel("RL step")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
-        _save(fig, out / "async_staleness.png")
-        plt.close(fig)
-        written.append(out / "async_staleness.png")
+        panels("async/staleness_mean", "async_staleness.png", asy, band=False)
     return written
 
 
